@@ -1,0 +1,29 @@
+"""peft-ladder: Ladder Side-Tuning and BERT-of-Theseus as PEFT methods.
+
+Importing this package registers two PEFT method types, ``LADDER_SIDE`` and ``THESEUS``, so that PEFT's own API
+(``get_peft_model``, ``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained``) knows them. Import it before
+loading any adapter that was trained with it.
+"""
+
+from ._registry import TESTED_PEFT, TESTED_TRANSFORMERS, register
+from .backbone import BackboneInfo, LayerStack, UnsupportedModelError, inspect_backbone
+from .ladder import LadderSideConfig, LadderSideModel
+from .theseus import TheseusConfig, TheseusModel
+
+register("ladder_side", LadderSideConfig, LadderSideModel)
+register("theseus", TheseusConfig, TheseusModel)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TESTED_PEFT",
+    "TESTED_TRANSFORMERS",
+    "BackboneInfo",
+    "LadderSideConfig",
+    "LadderSideModel",
+    "LayerStack",
+    "TheseusConfig",
+    "TheseusModel",
+    "UnsupportedModelError",
+    "inspect_backbone",
+]

@@ -1,0 +1,169 @@
+"""PEFT plumbing shared by tuners whose adapter is one whole module kept beside the base model.
+
+LoRA-style tuners wrap individual layers inside the base model. Ladder side-tuning (a side network) and Theseus
+(successor layers) instead own one module per adapter that does not live inside the base model. PEFT 0.21 supports
+that through "shared state" on the tuner, with several traps (see ``shared/DESIGN.md``); this module handles them once:
+
+* the per-adapter modules sit in an ``nn.ModuleDict`` on a :class:`AdapterModules` container, a ``BaseTunerLayer``,
+  so PEFT's state-dict selection, ``print_trainable_parameters`` and layer-status tools find them structurally;
+* checkpoint keys drop the adapter name (``<container>.<attr>.<name>.x`` -> ``<container>.<attr>.x``), so an adapter
+  saved as "default" loads under any other name;
+* weights are kept in fp32 by default (PEFT's ``autocast_adapter_dtype``), whatever the backbone's dtype;
+* ``inference_mode`` adapters (``PeftModel.from_pretrained(..., is_trainable=False)``) are frozen;
+* ``set_adapter``, ``delete_adapter`` and enabling/disabling act on the container, not on base-model layers.
+
+Subclasses provide :meth:`ModuleTuner._build_adapter_module` (validate and build, never touching the model) and
+:meth:`ModuleTuner._attach` (install whatever routes the model's forward through the active adapter).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.other import set_additional_trainable_modules
+from torch import nn
+
+
+class AdapterModules(nn.Module, BaseTunerLayer):
+    """Holds one module per adapter name under the attribute ``attribute_name`` (an ``nn.ModuleDict``)."""
+
+    def __init__(self, attribute_name: str) -> None:
+        nn.Module.__init__(self)
+        self.adapter_layer_names = (attribute_name,)
+        self.merged_adapters = []
+        self._active_adapter = []
+        setattr(self, attribute_name, nn.ModuleDict())
+
+    @property
+    def modules_by_adapter(self) -> nn.ModuleDict:
+        return getattr(self, self.adapter_layer_names[0])
+
+    def set_requires_grad_for(self, active: list[str], inference_mode: bool) -> None:
+        for name, module in self.modules_by_adapter.items():
+            module.requires_grad_(name in active and not inference_mode)
+
+
+class ModuleTuner(BaseTuner):
+    """Base tuner for methods whose adapter is one module per adapter name (see the module docstring).
+
+    Subclasses set ``prefix`` (``"<method>_"``) and ``adapter_attribute`` (a name containing the prefix, so that PEFT's
+    prefix-based checks find the parameters), and implement ``_build_adapter_module`` and ``_attach``.
+    """
+
+    uses_shared_state = True
+    tuner_layer_cls = AdapterModules
+    target_module_mapping: dict[str, list[str]] = {}
+    adapter_attribute: str
+    # Name of the container submodule on the tuner; checkpoint keys start with it.
+    container_name = "adapters"
+
+    # ------------------------------------------------------------------ to implement
+    def _build_adapter_module(self, model: nn.Module, config, adapter_name: str) -> nn.Module:
+        """Validate ``config`` against ``model`` and build the adapter's module. Must not modify ``model``."""
+        raise NotImplementedError
+
+    def _attach(self, model: nn.Module, adapter_name: str) -> None:
+        """Route ``model``'s forward through the active adapter (hooks, swapped stacks). Called after each inject."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ PEFT hooks
+    @property
+    def adapter_container(self) -> AdapterModules:
+        if self.container_name not in self._modules:
+            self._modules[self.container_name] = AdapterModules(self.adapter_attribute)
+        return self._modules[self.container_name]
+
+    @property
+    def adapter_modules(self) -> nn.ModuleDict:
+        """The per-adapter modules, keyed by adapter name."""
+        return self.adapter_container.modules_by_adapter
+
+    def _create_and_replace(self, *args, **kwargs):  # never called: we override inject_adapter
+        raise NotImplementedError(f"{type(self).__name__} does not replace individual modules.")
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        config = self.peft_config[adapter_name]
+        # Build first: every validation error is raised here, before the model or the tuner changes.
+        module = self._build_adapter_module(model, config, adapter_name)
+        is_first_adapter = len(self.adapter_modules) == 0
+        if autocast_adapter_dtype:
+            _upcast_half_floats(module)
+        self.adapter_modules[adapter_name] = module
+        if is_first_adapter:
+            model.requires_grad_(False)
+        set_additional_trainable_modules(
+            model=model,
+            peft_config=config,
+            model_config=BaseTuner.get_model_config(self),
+            adapter_name=adapter_name,
+            activate_adapter=adapter_name in self.active_adapters,
+        )
+        self.adapter_container.set_requires_grad_for(self.active_adapters, config.inference_mode)
+        self._attach(model, adapter_name)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        model.requires_grad_(False)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        if autocast_adapter_dtype and adapter_name in self.adapter_modules:
+            _upcast_half_floats(self.adapter_modules[adapter_name])
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        missing = [name for name in names if name not in self.adapter_modules]
+        if missing:
+            raise ValueError(f"Adapter(s) {missing} not found; available: {list(self.adapter_modules)}.")
+        if len(names) > 1:
+            raise ValueError(f"{type(self).__name__} runs one adapter at a time; got {names}.")
+        super().set_adapter(names, inference_mode=inference_mode)  # modules_to_save wrappers
+        self.active_adapter = names[0]
+        self.adapter_container._active_adapter = names
+        self.adapter_container.set_requires_grad_for(names, inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        super().delete_adapter(adapter_name)  # peft_config and modules_to_save wrappers
+        del self.adapter_modules[adapter_name]
+        remaining = list(self.adapter_modules)
+        self.active_adapter = remaining[0] if remaining else []
+        self.adapter_container._active_adapter = remaining[:1]
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)  # also toggles the modules_to_save heads
+        self.adapter_container._disable_adapters = not enabled
+
+    @property
+    def adapters_enabled(self) -> bool:
+        return not self.adapter_container._disable_adapters
+
+    @property
+    def active_adapter_module(self) -> nn.Module | None:
+        """The module of the active adapter, or ``None`` when adapters are disabled or none exists."""
+        name = self.active_adapter if isinstance(self.active_adapter, str) else None
+        if not self.adapters_enabled or name not in self.adapter_modules:
+            return None
+        return self.adapter_modules[name]
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # "...adapters.ladder_side_net.<name>.x" -> "...adapters.ladder_side_net.x"; keys of modules_to_save
+        # wrappers go through PEFT's own rule.
+        own = f".{cls.adapter_attribute}.{adapter_name}."
+        if own in key:
+            return key.replace(own, f".{cls.adapter_attribute}.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+
+def _upcast_half_floats(module: nn.Module) -> None:
+    """fp16/bf16 parameters to fp32 in place (PEFT's convention for trainable adapter weights)."""
+    for param in module.parameters():
+        if param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()

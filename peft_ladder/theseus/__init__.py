@@ -1,0 +1,4 @@
+from .config import TheseusConfig
+from .model import TheseusModel
+
+__all__ = ["TheseusConfig", "TheseusModel"]

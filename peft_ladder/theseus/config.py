@@ -1,0 +1,89 @@
+"""Configuration of BERT-of-Theseus progressive module replacing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+from .._registry import LOADING_NOTE
+
+SCHEDULERS = ("constant", "linear")
+SUCCESSOR_INITS = ("first_layers", "one_per_module")
+
+
+@dataclass
+class TheseusConfig(PeftConfig):
+    """Configuration of a [`TheseusModel`]: BERT-of-Theseus (Xu et al., EMNLP 2020) compression by module replacing.
+
+    The fine-tuned model (the predecessor) is split into `num_successor_layers` modules of consecutive layers. During
+    training each module is replaced, with probability p, by one successor layer; only the successor layers train.
+    `merge_and_unload()` returns the compact model made of the successor layers alone.
+
+    Args:
+        num_successor_layers (`int`):
+            Layers of the compressed model (n_s). Must be between 1 and the predecessor's depth. When the depth is not
+            divisible by it, module sizes differ by at most one layer, the larger modules first (12 into 5 gives
+            3, 3, 2, 2, 2).
+        replacing_rate (`float`):
+            p, the probability that a module is replaced by its successor layer in a training forward. Defaults to
+            `0.5` (paper). For the `"linear"` scheduler it is the starting rate b.
+        scheduler (`str`):
+            `"constant"` (default): p stays at `replacing_rate` until `steps_for_replacing` optimizer steps, then 1.0
+            (phase 2: the successor fine-tunes alone). `"linear"`: the curriculum p_t = min(1, k * t + b) with
+            b = `replacing_rate` and k = `linear_k`.
+        steps_for_replacing (`int`):
+            Optimizer steps of phase 1 for the constant scheduler, after which p = 1 and the successor trains alone.
+            Defaults to `0`, which skips phase 1; set it to about half of your training steps.
+        linear_k (`float`):
+            Slope k of the linear scheduler, per optimizer step. Defaults to `0.0006` (the official README).
+        successor_init (`str`):
+            `"first_layers"` (default, paper): successor layer i starts as a copy of predecessor layer i.
+            `"one_per_module"`: successor layer i starts as a copy of the last layer of module i.
+        seed (`int`):
+            Seed of the replacement draws. Draws are a function of the seed and the count of training forwards, not of
+            the global RNG, so every data-parallel rank draws the same modules.
+        layers_path (`Optional[Union[str, list[str]]]`):
+            Advanced: the dotted path of the layer `nn.ModuleList` to compress (a list, encoder first, to compress both
+            stacks of an encoder-decoder model) when automatic discovery cannot find it.
+        modules_to_save (`Optional[list[str]]`):
+            Extra modules trained and saved with the adapter. The head of the fine-tuned predecessor is normally kept
+            frozen, as in the paper.
+        loading_note (`str`):
+            Written into `adapter_config.json` so that someone who hits PEFT's bare `KeyError('THESEUS')` finds the fix
+            next to the type name. Not used at runtime.
+    """
+
+    num_successor_layers: int = field(default=3, metadata={"help": "Depth of the compressed model."})
+    replacing_rate: float = field(default=0.5, metadata={"help": "Replacement probability p (or b for linear)."})
+    scheduler: Literal["constant", "linear"] = field(default="constant", metadata={"help": "constant or linear."})
+    steps_for_replacing: int = field(default=0, metadata={"help": "Phase-1 optimizer steps (constant scheduler)."})
+    linear_k: float = field(default=0.0006, metadata={"help": "Slope k of the linear scheduler per step."})
+    successor_init: Literal["first_layers", "one_per_module"] = field(
+        default="first_layers", metadata={"help": "first_layers or one_per_module."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of the replacement draws."})
+    layers_path: Optional[Union[str, list[str]]] = field(
+        default=None, metadata={"help": "Dotted path(s) of the layer stack(s) when discovery fails."}
+    )
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules to train and save."})
+    loading_note: str = field(default=LOADING_NOTE, metadata={"help": "How to load this adapter."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.THESEUS
+        if not isinstance(self.num_successor_layers, int) or self.num_successor_layers < 1:
+            raise ValueError(
+                f"num_successor_layers must be a positive integer, got {self.num_successor_layers!r}: the compressed "
+                "model needs at least one layer."
+            )
+        if not 0.0 <= self.replacing_rate <= 1.0:
+            raise ValueError(f"replacing_rate is a probability and must be in [0, 1], got {self.replacing_rate}.")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"Unknown scheduler {self.scheduler!r}; choose one of {SCHEDULERS}.")
+        if self.successor_init not in SUCCESSOR_INITS:
+            raise ValueError(f"successor_init must be one of {SUCCESSOR_INITS}, got {self.successor_init!r}.")
+        if self.steps_for_replacing < 0 or self.linear_k < 0:
+            raise ValueError("steps_for_replacing and linear_k must be >= 0.")
