@@ -56,6 +56,11 @@ class ModuleTuner(BaseTuner):
     adapter_attribute: str
     # Name of the container submodule on the tuner; checkpoint keys start with it.
     container_name = "adapters"
+    # Hub tags of the method, added to every model card we write (see ``_hub.py``).
+    card_tags: tuple[str, ...] = ()
+    # Whether adapter weights follow PEFT's fp32 upcast (``autocast_adapter_dtype``). A tuner whose adapter modules
+    # replace base-model layers in the same forward (Theseus) keeps the base model's dtype instead.
+    upcast_adapter_weights = True
 
     # ------------------------------------------------------------------ to implement
     def _build_adapter_module(self, model: nn.Module, config, adapter_name: str) -> nn.Module:
@@ -93,7 +98,7 @@ class ModuleTuner(BaseTuner):
         # Build first: every validation error is raised here, before the model or the tuner changes.
         module = self._build_adapter_module(model, config, adapter_name)
         is_first_adapter = len(self.adapter_modules) == 0
-        if autocast_adapter_dtype:
+        if autocast_adapter_dtype and self.upcast_adapter_weights:
             _upcast_half_floats(module)
         self.adapter_modules[adapter_name] = module
         if is_first_adapter:
@@ -112,7 +117,7 @@ class ModuleTuner(BaseTuner):
         model.requires_grad_(False)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        if autocast_adapter_dtype and adapter_name in self.adapter_modules:
+        if autocast_adapter_dtype and self.upcast_adapter_weights and adapter_name in self.adapter_modules:
             _upcast_half_floats(self.adapter_modules[adapter_name])
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
