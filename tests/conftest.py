@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-import transformers
-
+# Before anything imports huggingface_hub, which reads these once: no hub here, so never try the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
 transformers.logging.set_verbosity_error()
 
 # One tiny config per family: small enough to build in milliseconds, real enough to exercise each family's
