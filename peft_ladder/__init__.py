@@ -8,6 +8,7 @@ loading any adapter that was trained with it.
 from ._registry import TESTED_PEFT, TESTED_TRANSFORMERS, register
 from .backbone import BackboneInfo, LayerStack, UnsupportedModelError, inspect_backbone
 from .ladder import LadderSideConfig, LadderSideModel
+from .quantization import QuantizationError, SchemeUnavailableError, model_size_by_dtype, quantization_info, quantize
 from .theseus import TheseusConfig, TheseusModel
 
 register("ladder_side", LadderSideConfig, LadderSideModel)
@@ -22,8 +23,13 @@ __all__ = [
     "LadderSideConfig",
     "LadderSideModel",
     "LayerStack",
+    "QuantizationError",
+    "SchemeUnavailableError",
     "TheseusConfig",
     "TheseusModel",
     "UnsupportedModelError",
     "inspect_backbone",
+    "model_size_by_dtype",
+    "quantization_info",
+    "quantize",
 ]
