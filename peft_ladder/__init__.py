@@ -5,14 +5,17 @@ Importing this package registers two PEFT method types, ``LADDER_SIDE`` and ``TH
 loading any adapter that was trained with it.
 """
 
+from . import _hub
 from ._registry import TESTED_PEFT, TESTED_TRANSFORMERS, register
 from .backbone import BackboneInfo, LayerStack, UnsupportedModelError, inspect_backbone
+from .distill import DistillationTrainer, DistillationTrainingArguments, truncate_layers
 from .ladder import LadderSideConfig, LadderSideModel
 from .quantization import QuantizationError, SchemeUnavailableError, model_size_by_dtype, quantization_info, quantize
 from .theseus import TheseusConfig, TheseusModel
 
 register("ladder_side", LadderSideConfig, LadderSideModel)
 register("theseus", TheseusConfig, TheseusModel)
+_hub.install()
 
 __version__ = "0.1.0"
 
@@ -20,6 +23,8 @@ __all__ = [
     "TESTED_PEFT",
     "TESTED_TRANSFORMERS",
     "BackboneInfo",
+    "DistillationTrainer",
+    "DistillationTrainingArguments",
     "LadderSideConfig",
     "LadderSideModel",
     "LayerStack",
@@ -32,4 +37,5 @@ __all__ = [
     "model_size_by_dtype",
     "quantization_info",
     "quantize",
+    "truncate_layers",
 ]
