@@ -33,7 +33,7 @@ from transformers import Trainer, TrainerCallback
 from .arguments import TEACHER_DTYPES, DistillationTrainingArguments
 from .layer_map import resolve_layer_map
 from .losses import attention_loss, generalized_jsd_loss, hidden_state_loss, kd_mask, logit_kd_loss
-from .structure import describe_stack, module_boundary_hidden_states
+from .structure import describe_stack, module_boundary_hidden_states, theseus_config_of
 
 PROJECTIONS_NAME = "distillation_projections.safetensors"
 
@@ -83,6 +83,11 @@ class DistillationTrainer(Trainer):
         self.teacher = self._prepare_teacher(teacher_model)
         self.student_stack = describe_stack(self.model)
         self.teacher_stack = describe_stack(self.teacher)
+        if args.attention_weight > 0 and theseus_config_of(self.model) is not None:
+            raise ValueError(
+                "Attention-map distillation is not defined for a Theseus student: its attention maps come from a "
+                "different mix of layers on every draw. Set attention_weight=0 (logit and hidden-state losses work)."
+            )
         self.layer_map: dict[int, int] = {}
         if args.hidden_weight > 0 or args.attention_weight > 0:
             self.layer_map = resolve_layer_map(args.layer_map, self.student_stack.depth, self.teacher_stack.depth)
