@@ -16,6 +16,7 @@ from peft_ladder import inspect_backbone, quantization
 from peft_ladder.quantization import (
     QuantizationError,
     SchemeUnavailableError,
+    dequantized_weight,
     model_size_by_dtype,
     quantization_info,
     quantize,
@@ -149,6 +150,19 @@ def test_skip_modules_stay_exact():
     assert type(exact) is nn.Parameter and torch.equal(exact, reference.bert.encoder.layer[2].output.dense.weight)
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int8-dynamic", "nf4", "bf16"])
+def test_dequantized_weight_is_close_to_the_original(scheme):
+    reference = seq_cls_bert()
+    model = quantize(copy.deepcopy(reference), scheme)
+    for name in ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.3.output.dense"]:
+        original = reference.get_submodule(name).weight
+        weight = dequantized_weight(model.get_submodule(name))
+        assert type(weight) is torch.Tensor and weight.shape == original.shape
+        # 4-bit NF4 error is up to half a quantization step of the largest weight of a 64-weight block
+        tolerance = {"nf4": 0.3, "bf16": 1e-2}.get(scheme, 0.02) * original.abs().max().item()
+        assert (weight.float() - original).abs().max().item() <= tolerance
+
+
 def test_size_by_dtype_counts_tied_weights_once():
     model = causal_llama()
     model.config.tie_word_embeddings = True
@@ -265,6 +279,21 @@ def test_state_dict_round_trip(scheme):
     fresh.load_state_dict(torch.load(buffer, weights_only=False), assign=True)
     input_ids = batch()
     assert torch.equal(logits_of(fresh, input_ids), logits_of(model, input_ids))
+
+
+@pytest.mark.parametrize("scheme,backend", [("int8", None), ("int8-dynamic", "torchao")])
+def test_torchao_schemes_save_pretrained_and_reload(tmp_path, scheme, backend):
+    model = quantize(seq_cls_bert(), scheme, backend=backend)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    input_ids = batch()
+    assert torch.equal(logits_of(reloaded, input_ids), logits_of(model, input_ids))
+    query = reloaded.bert.encoder.layer[0].attention.self.query.weight
+    assert type(query).__name__ == "Int8Tensor"
+    assert type(reloaded.classifier.weight) is nn.Parameter  # only the converted layers come back quantized
+    with pytest.raises(QuantizationError, match="loaded already quantized"):
+        quantize(reloaded, "int8")
 
 
 def test_torchao_config_load_saves_and_reloads(tmp_path):
