@@ -9,9 +9,9 @@ from . import _hub
 from ._registry import TESTED_PEFT, TESTED_TRANSFORMERS, register
 from .backbone import BackboneInfo, LayerStack, UnsupportedModelError, inspect_backbone
 from .distill import DistillationTrainer, DistillationTrainingArguments, truncate_layers
-from .ladder import LadderSideConfig, LadderSideModel
+from .ladder import LadderGateLogger, LadderSideConfig, LadderSideModel, compile_side_network, fisher_init_
 from .quantization import QuantizationError, SchemeUnavailableError, model_size_by_dtype, quantization_info, quantize
-from .theseus import TheseusConfig, TheseusModel
+from .theseus import TheseusCallback, TheseusConfig, TheseusModel
 
 register("ladder_side", LadderSideConfig, LadderSideModel)
 register("theseus", TheseusConfig, TheseusModel)
@@ -25,14 +25,18 @@ __all__ = [
     "BackboneInfo",
     "DistillationTrainer",
     "DistillationTrainingArguments",
+    "LadderGateLogger",
     "LadderSideConfig",
     "LadderSideModel",
     "LayerStack",
     "QuantizationError",
     "SchemeUnavailableError",
+    "TheseusCallback",
     "TheseusConfig",
     "TheseusModel",
     "UnsupportedModelError",
+    "compile_side_network",
+    "fisher_init_",
     "inspect_backbone",
     "model_size_by_dtype",
     "quantization_info",

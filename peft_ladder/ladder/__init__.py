@@ -1,4 +1,6 @@
+from .callbacks import LadderGateLogger
 from .config import LadderSideConfig
-from .model import LadderSideModel
+from .init import fisher_init_
+from .model import LadderSideModel, compile_side_network
 
-__all__ = ["LadderSideConfig", "LadderSideModel"]
+__all__ = ["LadderGateLogger", "LadderSideConfig", "LadderSideModel", "compile_side_network", "fisher_init_"]

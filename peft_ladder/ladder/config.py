@@ -6,12 +6,14 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
-from peft.utils import PeftType
+from peft.utils import PeftType, TaskType
 
 from .._registry import LOADING_NOTE
 
 INIT_METHODS = ("pruned", "fisher", "random")
 OUTPUT_MODES = ("replace", "add")
+# Default output_mode for classification and feature extraction (see the output_mode docstring for why).
+DEFAULT_CLASSIFICATION_OUTPUT_MODE = "replace"
 
 
 @dataclass
@@ -55,6 +57,18 @@ class LadderSideConfig(PeftConfig):
         modules_to_save (`Optional[list[str]]`):
             Extra modules trained and saved with the adapter, typically a freshly initialised classification head
             (`["classifier"]`, `["score"]`). PEFT adds the task type's head automatically for `SEQ_CLS`.
+        side_block (`str`):
+            `"backbone"` (default): side blocks are the backbone's own block class at side width. `"generic"`: a plain
+            pre-norm transformer block (used automatically, with a warning, when the family's block cannot be built at
+            side width).
+        compile_side (`bool`):
+            Compile each side block with `torch.compile` (`nn.Module.compile`, weights and checkpoint keys
+            unchanged). The side blocks are small and launch-bound at small batch sizes, which compilation fixes on
+            GPU. Equivalent to calling `peft_ladder.compile_side_network(peft_model)` after `get_peft_model`.
+            Defaults to `False`.
+        backbone_shape (`Optional[dict]`):
+            Filled in when the adapter is created (model type, hidden size, layers per stack) and checked when it is
+            loaded, so that loading onto a base model of another shape fails with both shapes named. Not set by users.
         loading_note (`str`):
             Written into `adapter_config.json` so that someone who hits PEFT's bare `KeyError('LADDER_SIDE')` finds
             the fix next to the type name. Not used at runtime.
@@ -79,6 +93,14 @@ class LadderSideConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Extra modules to train and save, e.g. a new classification head."}
     )
+    side_block: Literal["backbone", "generic"] = field(
+        default="backbone",
+        metadata={"help": "Side block type: the backbone's own class, or a generic pre-norm block."},
+    )
+    compile_side: bool = field(default=False, metadata={"help": "torch.compile each side block."})
+    backbone_shape: Optional[dict] = field(
+        default=None, metadata={"help": "Recorded base-model shape (set automatically, checked on load)."}
+    )
     loading_note: str = field(default=LOADING_NOTE, metadata={"help": "How to load this adapter."})
 
     def __post_init__(self) -> None:
@@ -94,7 +116,66 @@ class LadderSideConfig(PeftConfig):
             raise ValueError(f"output_mode must be one of {OUTPUT_MODES} or None, got {self.output_mode!r}.")
         if not 0.0 <= self.side_dropout < 1.0:
             raise ValueError(f"side_dropout must be in [0, 1), got {self.side_dropout}.")
+        if self.side_block not in ("backbone", "generic"):
+            raise ValueError(f"side_block must be 'backbone' or 'generic', got {self.side_block!r}.")
         if self.side_layers is not None:
             self.side_layers = sorted(set(int(index) for index in self.side_layers))
             if not self.side_layers:
                 raise ValueError("side_layers must name at least one layer, or be None for all layers.")
+
+    def resolved_output_mode(self) -> str:
+        """``output_mode``, with ``None`` resolved by task type (see the field's docstring)."""
+        if self.output_mode is not None:
+            return self.output_mode
+        generative = (TaskType.CAUSAL_LM, TaskType.SEQ_2_SEQ_LM)
+        return "add" if self.task_type in generative else DEFAULT_CLASSIFICATION_OUTPUT_MODE
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
+        # Marks the config as read from a saved adapter: the tuner then skips initialisation (the checkpoint's
+        # weights replace it anyway, and a Fisher init could not be re-run without its data).
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config._ladder_loaded_from_checkpoint = True
+        return config
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        super().save_pretrained(save_directory, **kwargs)
+        write_model_card(save_directory)
+
+
+MODEL_CARD_TAGS = ("ladder-side-tuning", "peft")
+MODEL_CARD_USAGE = """
+## Usage (Ladder Side-Tuning adapter)
+
+This adapter is a Ladder Side-Tuning side network (Sung, Cho & Bansal, NeurIPS 2022) made with
+[peft-ladder](https://pypi.org/project/peft-ladder/). PEFT needs the plugin to know the method:
+
+```python
+import peft_ladder  # registers LADDER_SIDE with PEFT; import it before loading
+from peft import PeftModel
+from transformers import AutoModel  # use the Auto class of the task the adapter was trained for
+
+base = AutoModel.from_pretrained("<base model>")
+model = PeftModel.from_pretrained(base, "<this adapter>")
+```
+
+The side network cannot be merged into the base model (`merge_and_unload` raises); keep the PeftModel for inference.
+"""
+
+
+def write_model_card(directory: str) -> None:
+    """Add our tags and usage snippet to the README.md that PEFT wrote next to the adapter (or create one)."""
+    import os
+
+    from huggingface_hub import ModelCard, ModelCardData
+
+    path = os.path.join(directory, "README.md")
+    if not os.path.exists(path):  # named adapters are saved in a subfolder; PEFT writes the card one level up
+        parent = os.path.join(os.path.dirname(os.path.abspath(directory)), "README.md")
+        path = parent if os.path.exists(parent) else path
+    card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
+    tags = set(card.data.tags or []) | set(MODEL_CARD_TAGS)
+    card.data.tags = sorted(tags)
+    if "import peft_ladder" not in card.text:
+        card.text = card.text.rstrip() + "\n" + MODEL_CARD_USAGE
+    card.save(path)

@@ -1,0 +1,117 @@
+"""The side network's shape: the backbone's config with every width divided by r.
+
+Side blocks are instances of the backbone's own block class, built from a copy of the backbone's config in which:
+
+* the hidden size and the intermediate (feed-forward) size are divided by r;
+* the attention head counts are kept and the head dim is divided by r, as in the official code;
+* **fallback rule**: if head_dim / r would fall below :data:`MIN_SIDE_HEAD_DIM` (4), or would be odd in a family with
+  rotary position embeddings (rotary rotates pairs of dimensions), the side attention uses head dim
+  ``min(head_dim, 4)`` rounded up to even for rotary, and as many heads as the reduced query width
+  ``heads * head_dim / r`` allows; key/value heads become ``gcd(kv_heads, side_heads)`` so that grouped-query attention
+  still divides evenly;
+* family constants that scale with the head dim are scaled too (Gemma 2/3's ``query_pre_attn_scalar``).
+
+Everything else (norm epsilons, activation, position encoding, attention implementation) is copied unchanged, so the
+side blocks treat masks and positions exactly as the family expects.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+from ..backbone import INTERMEDIATE_SIZE_KEYS, BackboneInfo
+
+MIN_SIDE_HEAD_DIM = 4
+# Config fields holding a head count, in every spelling we know (aliases resolve through `attribute_map`).
+HEAD_COUNT_KEYS = ("num_attention_heads", "encoder_attention_heads", "decoder_attention_heads")
+KV_HEAD_COUNT_KEYS = ("num_key_value_heads",)
+HEAD_DIM_KEYS = ("head_dim", "d_kv")
+# Config constants proportional to the head dim (the attention scale is derived from them).
+HEAD_DIM_SCALED_KEYS = ("query_pre_attn_scalar",)
+
+
+class SideShapeError(ValueError):
+    """The reduction factor does not give a valid side network for this backbone."""
+
+
+@dataclass(frozen=True)
+class SideShape:
+    """Widths of the side network for one backbone (all already divided by r)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    reduced_heads: bool  # whether the fallback rule changed the head counts
+
+    @property
+    def query_width(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+def side_shape(info: BackboneInfo, config, r: int, uses_rotary: bool) -> SideShape:
+    """Apply the reduction rule of the module docstring; raise :class:`SideShapeError` naming the fix."""
+    d, heads, kv_heads, head_dim = info.hidden_size, info.num_attention_heads, info.num_key_value_heads, info.head_dim
+    if r > d or d % r:
+        raise SideShapeError(
+            f"reduction_factor={r} does not divide the hidden size {d} of this {info.model_type} model, so the side "
+            f"network would have no whole width. Choose r among the divisors of {d} (the paper uses 8), e.g. "
+            f"{_divisors_near(d, r)}."
+        )
+    side_d = d // r
+    side_heads, side_kv, side_head_dim = heads, kv_heads, head_dim // r
+    too_small = head_dim % r or side_head_dim < MIN_SIDE_HEAD_DIM
+    odd_rotary = uses_rotary and side_head_dim % 2
+    if too_small or odd_rotary:
+        side_head_dim = min(head_dim, MIN_SIDE_HEAD_DIM)
+        if uses_rotary and side_head_dim % 2:
+            side_head_dim += 1
+        query_width = max(heads * head_dim // r, side_head_dim)
+        side_heads = max(1, query_width // side_head_dim)
+        side_kv = math.gcd(kv_heads, side_heads)
+    # Families that derive head dim from hidden_size / heads need the product to equal the side hidden size.
+    if not has_explicit_head_dim(config) and side_heads * side_head_dim != side_d:
+        raise SideShapeError(
+            f"reduction_factor={r} gives a side hidden size {side_d} that {side_heads} heads of dim {side_head_dim} "
+            f"cannot tile (this {info.model_type} model derives head dim from hidden_size / num_heads). Choose an r "
+            f"that divides the head dim {head_dim}, e.g. {_divisors_near(head_dim, r)}."
+        )
+    side_intermediate = max(1, info.intermediate_size // r)
+    return SideShape(side_d, side_intermediate, side_heads, side_kv, side_head_dim, side_heads != heads)
+
+
+def has_explicit_head_dim(config) -> bool:
+    """Whether the family reads head dim from its own config field, so it may differ from hidden / heads."""
+    return any(getattr(config, key, None) for key in HEAD_DIM_KEYS)
+
+
+def reduced_config(config, info: BackboneInfo, shape: SideShape):
+    """A deep copy of ``config`` with the side widths written into every field that holds them."""
+    side = copy.deepcopy(config)
+    side.hidden_size = shape.hidden_size  # resolves aliases (n_embd, d_model, dim) through attribute_map
+    for key in INTERMEDIATE_SIZE_KEYS + ("decoder_ffn_dim",):
+        real = config.attribute_map.get(key, key)
+        if getattr(config, real, None):
+            setattr(side, real, shape.intermediate_size)
+    for key in HEAD_COUNT_KEYS:
+        real = config.attribute_map.get(key, key)
+        if getattr(config, real, None):
+            setattr(side, real, shape.num_heads)
+    for key in KV_HEAD_COUNT_KEYS:
+        if getattr(config, key, None):
+            setattr(side, key, shape.num_kv_heads)
+    for key in HEAD_DIM_KEYS:
+        if getattr(config, key, None):
+            setattr(side, key, shape.head_dim)
+    for key in HEAD_DIM_SCALED_KEYS:
+        if getattr(config, key, None):
+            setattr(side, key, getattr(config, key) * shape.head_dim / info.head_dim)
+    return side
+
+
+def _divisors_near(n: int, r: int) -> list[int]:
+    divisors = [k for k in range(2, min(n, 64) + 1) if n % k == 0]
+    return sorted(divisors, key=lambda k: abs(k - r))[:4]
