@@ -1,0 +1,222 @@
+"""``peft-ladder bench``: peak memory, step time and trainable parameters of each method on the same inputs.
+
+Examples::
+
+    peft-ladder bench --model bert-base --methods lst,lora,full --batch-sizes 8,32 --seq-len 128 --plot
+    peft-ladder bench --model tiny-llama --steps 1 --estimate
+    peft-ladder bench --suite gpu-llama3b            # the Llama-3.2-3B-shaped GPU comparison (see gpu_llama3b.sh)
+    peft-ladder bench --quality                      # the accuracy suites of the LST/Theseus/distill/quant issues
+
+Every cell (one method at one batch size) is written to ``<output>/bench.json`` as soon as it finishes, so a run that
+is cut short keeps the figures it has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import presets, report
+from .methods import DEFAULT_METHODS, METHODS
+
+QUALITY_SUITES = ("lst_quality", "theseus_quality", "distill_quality", "quant_quality")
+
+# The GPU comparison: Llama-3.2-3B shape, bf16, sequence 768, AdamW. Cells in priority order: a run cut short still
+# has the headline comparison (LoRA vs LST at batch 16, then at batch 4) before the extra baselines.
+SUITES = {
+    "gpu-llama3b": {
+        "model": "llama-3.2-3b",
+        "dtype": "bfloat16",
+        "device": "cuda",
+        "seq_len": 768,
+        "steps": 5,
+        "warmup": 2,
+        "cells": [
+            ("lora", 16),
+            ("lst", 16),
+            ("lora", 4),
+            ("lst", 4),
+            ("lora-chunked", 16),
+            ("lora-gc", 16),
+            ("lst-compile", 4),
+            ("lst-compile", 16),
+            ("full", 4),
+            ("lora-chunked", 4),
+            ("lora-gc", 4),
+            ("lst-int8", 16),
+            ("qlora", 16),
+            ("lst-nf4", 16),
+        ],
+    },
+}
+
+
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peft-ladder", description="peft-ladder tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser("bench", help="memory/speed benchmark, memory estimate, quality suites")
+    bench.add_argument("--model", default=None, help=f"a preset ({', '.join(presets.PRESETS)}) or a local checkpoint")
+    bench.add_argument("--methods", type=_csv, default=None, help=f"comma list of {', '.join(METHODS)}")
+    bench.add_argument("--batch-sizes", type=lambda s: [int(x) for x in _csv(s)], default=None)
+    bench.add_argument("--seq-len", type=int, default=None)
+    bench.add_argument("--dtype", choices=["float32", "bfloat16", "fp32", "bf16"], default=None)
+    bench.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    bench.add_argument("--steps", type=int, default=None, help="timed steps per cell (median reported)")
+    bench.add_argument("--warmup", type=int, default=None, help="untimed steps before timing")
+    bench.add_argument("--baseline", default="lora", help="method the ratios divide by (default lora)")
+    bench.add_argument("--output", type=Path, default=None, help="output directory (default runs/bench-<time>)")
+    bench.add_argument("--plot", action="store_true", help="also write bench.png")
+    bench.add_argument("--estimate", action="store_true", help="predict each cell's peak memory from the config")
+    bench.add_argument("--no-measure", action="store_true", help="with --estimate: predict only, train nothing")
+    bench.add_argument(
+        "--in-process",
+        action="store_true",
+        help="on CPU, no fresh subprocess per cell (faster; RSS figures unreliable)",
+    )
+    bench.add_argument("--suite", choices=list(SUITES), help="a predefined comparison; other flags override it")
+    bench.add_argument("--cell-timeout", type=float, default=None, help="seconds per CPU cell before giving up")
+    bench.add_argument("--quality", action="store_true", help="run the accuracy suites instead")
+    bench.add_argument("--suites", type=_csv, default=None, help=f"with --quality: any of {', '.join(QUALITY_SUITES)}")
+    return parser
+
+
+def run_quality(names: list[str] | None) -> int:
+    """Run each quality suite's ``main([])``; a suite not built yet is skipped with a message."""
+    failures = 0
+    for name in names or QUALITY_SUITES:
+        module_name = f"peft_ladder.bench.{name if name.endswith('_quality') else name + '_quality'}"
+        if importlib.util.find_spec(module_name) is None:
+            print(f"[quality] {module_name}: not available in this build, skipped")
+            continue
+        print(f"[quality] running {module_name}", flush=True)
+        try:
+            importlib.import_module(module_name).main([])
+        except Exception as error:  # one broken suite must not hide the others' results
+            failures += 1
+            print(f"[quality] {module_name} failed: {type(error).__name__}: {error}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _settings(args) -> dict:
+    suite = SUITES.get(args.suite, {})
+    device = args.device or suite.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device.startswith("cuda")
+    settings = {
+        "model": args.model or suite.get("model") or "tiny-llama",
+        "device": device,
+        "dtype": args.dtype or suite.get("dtype") or ("bfloat16" if on_cuda else "float32"),
+        "seq_len": args.seq_len or suite.get("seq_len") or 128,
+        "steps": args.steps if args.steps is not None else suite.get("steps", 3),
+        "warmup": args.warmup if args.warmup is not None else suite.get("warmup", 1),
+        "baseline": args.baseline,
+    }
+    if args.methods or args.batch_sizes or not suite:
+        methods = args.methods or list(DEFAULT_METHODS)
+        batch_sizes = args.batch_sizes or [4]
+        cells = [(method, batch) for batch in batch_sizes for method in methods]
+    else:
+        cells = list(suite["cells"])
+    unknown = sorted({method for method, _ in cells} - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if settings["steps"] < 1:
+        raise SystemExit("--steps must be at least 1")
+    settings["cells"] = cells
+    return settings
+
+
+def run_bench(args) -> dict:
+    from .estimate import estimate_cell
+    from .measure import CellSettings, run_cell, run_cell_isolated
+
+    settings = _settings(args)
+    spec = presets.resolve(settings["model"])  # fail fast on a bad --model, before any cell runs
+    output = args.output or Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    output.mkdir(parents=True, exist_ok=True)
+    json_path = output / "bench.json"
+    document = {
+        "schema": report.SCHEMA,
+        "settings": {**settings, "task": spec.task, "cells": [list(cell) for cell in settings["cells"]]},
+        "environment": report.environment(settings["device"]),
+        "cells": [],
+    }
+    on_cuda = settings["device"].startswith("cuda")
+    print(
+        f"peft-ladder bench: {spec.name} ({spec.task}), {settings['dtype']}, seq {settings['seq_len']}, "
+        f"{settings['device']} [{document['environment']['hardware']}] -> {json_path}",
+        flush=True,
+    )
+    for method, batch_size in settings["cells"]:
+        cell = {"method": method, "batch_size": batch_size, "status": "ok"}
+        if args.estimate:
+            estimate = asdict(
+                estimate_cell(settings["model"], method, batch_size, settings["seq_len"], settings["dtype"])
+            )
+            # CUDA's max_memory_allocated includes the weights; the CPU figure is RSS above the loaded model.
+            estimate["compared_bytes"] = estimate["peak_bytes"] if on_cuda else estimate["peak_above_model_bytes"]
+            cell["estimate"] = estimate
+        cell["estimate_error"] = None
+        if not args.no_measure:
+            cell_settings = CellSettings(
+                model=settings["model"],
+                method=method,
+                batch_size=batch_size,
+                seq_len=settings["seq_len"],
+                dtype=settings["dtype"],
+                device=settings["device"],
+                steps=settings["steps"],
+                warmup=settings["warmup"],
+            )
+            if on_cuda or args.in_process:
+                result = run_cell(cell_settings)
+            else:
+                result = run_cell_isolated(cell_settings, args.cell_timeout)
+            cell.update(asdict(result))
+        else:
+            cell.update(
+                status=cell["estimate"]["status"],
+                reason=cell["estimate"]["reason"],
+                peak_memory_bytes=cell["estimate"]["compared_bytes"],
+                step_time_s=None,
+            )
+        measured = cell.get("peak_memory_bytes")
+        predicted = (cell.get("estimate") or {}).get("compared_bytes")
+        if predicted and measured and cell["status"] == "ok" and not args.no_measure:
+            cell["estimate_error"] = predicted / measured - 1
+        document["cells"].append(cell)
+        report.add_ratios(document["cells"], settings["baseline"])
+        report.write_json(json_path, document)
+        print(
+            f"  done: {method} batch {batch_size}: {cell['status']}"
+            + (f" ({cell.get('reason')})" if cell["status"] != "ok" else ""),
+            flush=True,
+        )
+    print(report.table(document["cells"], settings["baseline"]))
+    if args.plot and not args.no_measure:
+        title = f"{spec.name}, {settings['dtype']}, seq {settings['seq_len']}, {document['environment']['hardware']}"
+        print(f"chart: {report.plot(document['cells'], output / 'bench.png', title)}")
+    print(f"results: {json_path}")
+    return document
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quality:
+        return run_quality(args.suites)
+    document = run_bench(args)
+    return 1 if any(cell["status"] == "error" for cell in document["cells"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

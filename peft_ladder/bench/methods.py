@@ -1,0 +1,145 @@
+"""The training methods the benchmark compares, each a recipe that turns a freshly built model into a trainable one.
+
+Only the public API is used: ``peft`` for LoRA, ``peft_ladder`` for LST, Theseus and quantization. A method whose
+backend is missing on the current device (no CUDA for nf4, a ``peft_ladder`` feature not built yet) is reported as
+skipped with the reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+
+import peft_ladder
+
+from .presets import ModelSpec
+
+LORA_RANK = 32  # PEFT's method-comparison baseline: LoRA r=32 on q_proj and v_proj
+LST_REDUCTION = 8
+
+
+class MethodUnavailable(RuntimeError):
+    """The method cannot run here (missing backend or feature); the message says why and how to get it."""
+
+
+def _task_type(spec: ModelSpec) -> TaskType:
+    return TaskType.CAUSAL_LM if spec.is_decoder else TaskType.SEQ_CLS
+
+
+def _lora(model, spec: ModelSpec):
+    # target_modules=None lets PEFT pick its per-family default: q_proj,v_proj for Llama, query,value for BERT.
+    return get_peft_model(model, LoraConfig(task_type=_task_type(spec), r=LORA_RANK, lora_alpha=2 * LORA_RANK))
+
+
+def _lora_checkpointed(model, spec: ModelSpec):
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return _lora(model, spec)
+
+
+def _full(model, spec: ModelSpec):
+    model.requires_grad_(True)
+    return model
+
+
+def _lst_config(spec: ModelSpec, **extra):
+    return peft_ladder.LadderSideConfig(task_type=_task_type(spec), reduction_factor=LST_REDUCTION, **extra)
+
+
+def _lst(model, spec: ModelSpec):
+    return get_peft_model(model, _lst_config(spec))
+
+
+def _compile_field() -> str:
+    """The LadderSideConfig field that turns on torch.compile of the side network, if the LST build has one."""
+    names = [f.name for f in dataclasses.fields(peft_ladder.LadderSideConfig) if "compile" in f.name]
+    if not names:
+        raise MethodUnavailable("this LadderSideConfig has no torch.compile option for the side network")
+    return names[0]
+
+
+def _lst_compiled(model, spec: ModelSpec):
+    return get_peft_model(model, _lst_config(spec, **{_compile_field(): True}))
+
+
+def _quantize(model, scheme: str):
+    quantize = getattr(peft_ladder, "quantize", None)
+    if quantize is None:
+        raise MethodUnavailable("peft_ladder.quantize is not available in this build")
+    return quantize(model, scheme)
+
+
+def _needs_bitsandbytes_cuda(device: str) -> str | None:
+    if not str(device).startswith("cuda"):
+        return "nf4 needs CUDA (bitsandbytes' 4-bit training path); run with --device cuda"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "nf4 needs the bitsandbytes package (pip install bitsandbytes)"
+    return None
+
+
+def _qlora(model, spec: ModelSpec):
+    return _lora(_quantize(model, "nf4"), spec)
+
+
+def _lst_int8(model, spec: ModelSpec):
+    return get_peft_model(_quantize(model, "int8"), _lst_config(spec))
+
+
+def _lst_nf4(model, spec: ModelSpec):
+    return get_peft_model(_quantize(model, "nf4"), _lst_config(spec))
+
+
+def _theseus(model, spec: ModelSpec):
+    layers = peft_ladder.inspect_backbone(model).num_layers
+    if layers < 2:
+        raise MethodUnavailable(f"Theseus needs at least 2 layers to compress; the model has {layers}")
+    config = peft_ladder.TheseusConfig(
+        task_type=_task_type(spec), num_successor_layers=max(1, layers // 2), replacing_rate=0.5
+    )
+    return get_peft_model(model, config)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One benchmarked training recipe."""
+
+    name: str
+    description: str
+    prepare: Callable  # (model, spec) -> trainable model; raises MethodUnavailable when it cannot run here
+    unavailable: Callable[[str], str | None] = lambda device: None  # device -> reason it cannot run, or None
+    chunked_loss: bool = False  # compute the LM loss in checkpointed chunks so full logits never exist
+
+
+METHODS = {
+    method.name: method
+    for method in (
+        Method("lora", f"PEFT LoRA r={LORA_RANK} on PEFT's default targets (q_proj,v_proj / query,value)", _lora),
+        Method("lst", f"Ladder Side-Tuning, r={LST_REDUCTION}, every layer", _lst),
+        Method("full", "full fine-tuning, every parameter", _full),
+        Method("theseus", "BERT-of-Theseus compression to half the layers, replacing rate 0.5", _theseus),
+        Method("qlora", "LoRA on an nf4-quantized backbone", _qlora, _needs_bitsandbytes_cuda),
+        Method("lst-int8", "LST on an int8-quantized backbone (peft_ladder.quantize 'int8')", _lst_int8),
+        Method(
+            "lst-nf4",
+            "LST on an nf4-quantized backbone (peft_ladder.quantize 'nf4')",
+            _lst_nf4,
+            _needs_bitsandbytes_cuda,
+        ),
+        # Extra baselines for the GPU comparison: LoRA with the two standard memory levers.
+        Method("lora-chunked", "LoRA with the LM loss computed in checkpointed chunks", _lora, chunked_loss=True),
+        Method("lora-gc", "LoRA with gradient checkpointing of every layer", _lora_checkpointed),
+        Method("lst-compile", "LST with torch.compile of the side network", _lst_compiled),
+    )
+}
+DEFAULT_METHODS = ("lst", "lora", "full")
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; quantized weights count by their logical element count."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

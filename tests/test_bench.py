@@ -1,0 +1,128 @@
+"""`peft-ladder bench`: the JSON schema, every CPU method reporting numbers, estimate mode, the chart, suites."""
+
+import json
+
+import pytest
+
+from peft_ladder.bench import cli, estimate, methods, presets, report
+from peft_ladder.bench.measure import CellSettings, run_cell
+
+CPU_METHODS = ["lora", "lst", "full", "theseus"]
+CELL_KEYS = {
+    "method",
+    "batch_size",
+    "status",
+    "reason",
+    "peak_memory_bytes",
+    "model_memory_bytes",
+    "memory_kind",
+    "step_time_s",
+    "step_times_s",
+    "trainable_params",
+    "total_params",
+    "final_loss",
+    "memory_vs_baseline",
+    "time_vs_baseline",
+}
+
+
+def _bench(tmp_path, *extra):
+    argv = ["bench", "--model", "tiny-llama", "--seq-len", "16", "--steps", "1", "--warmup", "0"]
+    assert cli.main([*argv, "--output", str(tmp_path), *extra]) == 0
+    return json.loads((tmp_path / "bench.json").read_text())
+
+
+def test_every_cpu_method_reports_numbers_with_schema_ratios_estimate_and_chart(tmp_path):
+    methods = ",".join(CPU_METHODS + ["qlora"])
+    document = _bench(tmp_path, "--methods", methods, "--batch-sizes", "2", "--in-process", "--plot", "--estimate")
+
+    assert document["schema"] == report.SCHEMA
+    assert document["settings"]["task"] == "causal-lm" and document["settings"]["seq_len"] == 16
+    assert {"hardware", "torch", "transformers", "peft", "date_utc"} <= set(document["environment"])
+    cells = {(cell["method"], cell["batch_size"]): cell for cell in document["cells"]}
+    assert set(cells) == {(method, 2) for method in CPU_METHODS + ["qlora"]}
+    for method in CPU_METHODS:
+        cell = cells[(method, 2)]
+        assert CELL_KEYS <= set(cell), CELL_KEYS - set(cell)
+        assert cell["status"] == "ok", cell["reason"]
+        assert cell["peak_memory_bytes"] >= 0 and cell["step_time_s"] > 0
+        assert len(cell["step_times_s"]) == 1 and cell["final_loss"] > 0
+        assert 0 < cell["trainable_params"] <= cell["total_params"]
+        assert cell["estimate"]["status"] == "ok" and cell["estimate"]["peak_bytes"] > 0
+        assert "estimate_error" in cell  # None when the in-process RSS peak did not rise
+    assert cells[("full", 2)]["trainable_params"] == cells[("full", 2)]["total_params"]
+    assert cells[("lst", 2)]["trainable_params"] < cells[("lora", 2)]["trainable_params"]
+    assert cells[("lora", 2)]["time_vs_baseline"] == pytest.approx(1.0)
+    # nf4 needs CUDA: reported as skipped with the reason, not dropped.
+    assert cells[("qlora", 2)]["status"] == "skipped" and "CUDA" in cells[("qlora", 2)]["reason"]
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def test_cpu_cells_run_in_fresh_subprocesses_and_measure_rss_above_the_model(tmp_path):
+    document = _bench(tmp_path, "--methods", "lst", "--batch-sizes", "2", "--estimate")
+    for cell in document["cells"]:
+        assert cell["status"] == "ok", cell["reason"]
+        assert cell["memory_kind"] == "cpu peak RSS above the loaded model"
+        assert cell["model_memory_bytes"] > 50 * 2**20  # a Python process with torch loaded
+        assert cell["peak_memory_bytes"] is not None and cell["step_time_s"] > 0
+        assert cell["estimate"]["peak_above_model_bytes"] > 0
+
+
+def test_estimate_parts_add_up_for_full_fine_tuning():
+    cell = estimate.estimate_cell("tiny-llama", "full", batch_size=2, seq_len=16, dtype="float32")
+    assert cell.status == "ok"
+    config = presets.PRESETS["tiny-llama"]()
+    assert cell.weights_bytes == cell.gradients_bytes  # every fp32 parameter trains
+    assert cell.optimizer_states_bytes == 2 * cell.gradients_bytes
+    # log-softmax keeps the fp32 logits of every position: batch x seq x vocab x 4 bytes.
+    assert cell.logits_bytes == 2 * 16 * config.vocab_size * 4
+    backward_start = cell.activations_bytes + cell.backward_transient_bytes
+    optimizer_step = 2 * cell.gradients_bytes
+    assert cell.peak_bytes == cell.weights_bytes + cell.optimizer_states_bytes + max(backward_start, optimizer_step)
+
+
+@pytest.mark.parametrize(("method", "batch_size", "measured_gib"), [("lora", 4, 19.8), ("full", 16, 78.0)])
+def test_estimate_matches_the_h200_calibration_within_15_percent(method, batch_size, measured_gib):
+    """Llama-3.2-3B shape, bf16, seq 768, AdamW, measured on an H200 (shared/DESIGN.md, CUDA max allocated)."""
+    cell = estimate.estimate_cell("llama-3.2-3b", method, batch_size=batch_size, seq_len=768, dtype="bfloat16")
+    assert cell.status == "ok", cell.reason
+    assert cell.peak_bytes / 2**30 == pytest.approx(measured_gib, rel=0.15)
+
+
+def test_estimate_only_mode_trains_nothing(tmp_path):
+    document = _bench(tmp_path, "--methods", "lora,full,lst", "--estimate", "--no-measure")
+    assert [cell["status"] for cell in document["cells"]] == ["ok", "ok", "ok"]
+    assert all(
+        cell["step_time_s"] is None and cell["estimate"]["peak_above_model_bytes"] for cell in document["cells"]
+    )
+
+
+def test_gpu_suite_lists_the_headline_cells_first_and_dry_runs_on_a_tiny_preset(tmp_path):
+    assert cli.SUITES["gpu-llama3b"]["cells"][:4] == [("lora", 16), ("lst", 16), ("lora", 4), ("lst", 4)]
+    args = cli.build_parser().parse_args(
+        ["bench", "--suite", "gpu-llama3b", "--model", "tiny-llama", "--device", "cpu"]
+    )
+    settings = cli._settings(args)
+    assert settings["seq_len"] == 768 and settings["dtype"] == "bfloat16" and settings["device"] == "cpu"
+    assert settings["cells"] == cli.SUITES["gpu-llama3b"]["cells"]
+
+
+def test_a_broken_cell_is_reported_not_raised(monkeypatch):
+    def broken(model, spec):
+        raise RuntimeError("side network exploded")
+
+    monkeypatch.setitem(methods.METHODS, "lora", methods.Method("lora", "broken on purpose", broken))
+    result = run_cell(CellSettings(model="tiny-llama", method="lora", batch_size=1, seq_len=8, steps=1))
+    assert result.status == "error" and "side network exploded" in result.reason
+
+
+def test_bad_model_and_unknown_method_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="neither a preset"):
+        presets.resolve(str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit, match="unknown method"):
+        cli.main(["bench", "--methods", "lora,dora", "--output", str(tmp_path)])
+
+
+def test_quality_skips_suites_that_do_not_exist(capsys):
+    assert cli.run_quality(["no_such_quality"]) == 0
+    assert "not available in this build, skipped" in capsys.readouterr().out
