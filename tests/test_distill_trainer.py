@@ -129,6 +129,9 @@ def test_every_part_is_logged_and_teacher_stays_frozen(tmp_path):
     # projections: in the optimizer, trained
     assert {id(p) for p in trainer.projections.parameters()} <= optimized
     assert any(not torch.equal(p, before) for p, before in zip(trainer.projections.parameters(), projections_before))
+    # evaluation: the loss includes every part, and predictions are the logits alone (no hidden states/attentions)
+    prediction = trainer.predict(classification_data(4))
+    assert prediction.predictions.shape == (4, 2) and prediction.metrics["test_loss"] > 0
 
 
 def causal_lm(seed):

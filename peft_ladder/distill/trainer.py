@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.utils import ModelOutput
 
 from .arguments import TEACHER_DTYPES, DistillationTrainingArguments
 from .layer_map import resolve_layer_map
@@ -171,7 +172,17 @@ class DistillationTrainer(Trainer):
         loss = sum(weights[name] * value for name, value in parts.items())
         if model.training:
             self._record_parts(parts, num_items_in_batch)
-        return (loss, student_outputs) if return_outputs else loss
+        if not return_outputs:
+            return loss
+        # evaluation collects every output as predictions: drop what only the loss asked for
+        added = [
+            name
+            for name, wanted in (("hidden_states", wants_hidden), ("attentions", wants_attention))
+            if wanted and not inputs.get(f"output_{name}")
+        ]
+        if added and isinstance(student_outputs, ModelOutput):
+            student_outputs = type(student_outputs)(**{k: v for k, v in student_outputs.items() if k not in added})
+        return loss, student_outputs
 
     @torch.no_grad()
     def _teacher_forward(self, inputs, wants_hidden: bool, wants_attention: bool):
