@@ -1,4 +1,5 @@
+from .callback import TheseusCallback
 from .config import TheseusConfig
 from .model import TheseusModel
 
-__all__ = ["TheseusConfig", "TheseusModel"]
+__all__ = ["TheseusCallback", "TheseusConfig", "TheseusModel"]

@@ -34,9 +34,10 @@ class TheseusConfig(PeftConfig):
             `"constant"` (default): p stays at `replacing_rate` until `steps_for_replacing` optimizer steps, then 1.0
             (phase 2: the successor fine-tunes alone). `"linear"`: the curriculum p_t = min(1, k * t + b) with
             b = `replacing_rate` and k = `linear_k`.
-        steps_for_replacing (`int`):
-            Optimizer steps of phase 1 for the constant scheduler, after which p = 1 and the successor trains alone.
-            Defaults to `0`, which skips phase 1; set it to about half of your training steps.
+        steps_for_replacing (`Optional[int]`):
+            Optimizer steps of phase 1 for the constant scheduler, after which p = 1 and the successor trains alone
+            (phase 2). Defaults to `None`: p stays at `replacing_rate` for the whole run, and phase 2 is a separate
+            run (or never happens). Setting it to about half of your training steps runs both phases in one run.
         linear_k (`float`):
             Slope k of the linear scheduler, per optimizer step. Defaults to `0.0006` (the official README).
         successor_init (`str`):
@@ -59,7 +60,9 @@ class TheseusConfig(PeftConfig):
     num_successor_layers: int = field(default=3, metadata={"help": "Depth of the compressed model."})
     replacing_rate: float = field(default=0.5, metadata={"help": "Replacement probability p (or b for linear)."})
     scheduler: Literal["constant", "linear"] = field(default="constant", metadata={"help": "constant or linear."})
-    steps_for_replacing: int = field(default=0, metadata={"help": "Phase-1 optimizer steps (constant scheduler)."})
+    steps_for_replacing: Optional[int] = field(
+        default=None, metadata={"help": "Phase-1 optimizer steps (constant scheduler); None: no phase 2."}
+    )
     linear_k: float = field(default=0.0006, metadata={"help": "Slope k of the linear scheduler per step."})
     successor_init: Literal["first_layers", "one_per_module"] = field(
         default="first_layers", metadata={"help": "first_layers or one_per_module."}
@@ -85,5 +88,5 @@ class TheseusConfig(PeftConfig):
             raise ValueError(f"Unknown scheduler {self.scheduler!r}; choose one of {SCHEDULERS}.")
         if self.successor_init not in SUCCESSOR_INITS:
             raise ValueError(f"successor_init must be one of {SUCCESSOR_INITS}, got {self.successor_init!r}.")
-        if self.steps_for_replacing < 0 or self.linear_k < 0:
+        if (self.steps_for_replacing is not None and self.steps_for_replacing < 0) or self.linear_k < 0:
             raise ValueError("steps_for_replacing and linear_k must be >= 0.")

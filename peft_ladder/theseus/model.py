@@ -1,10 +1,324 @@
-"""The Theseus tuner (work in progress: see the Theseus issue)."""
+"""The Theseus tuner: successor layers that progressively replace modules of the predecessor, then stand alone.
+
+Data flow of one training forward:
+
+1. a pre-hook on the model counts the forward and draws, for every module, whether its successor layer replaces it
+   (:func:`~.schedule.draw_replacements`, seeded from the config's seed and the forward count);
+2. a pre-hook on each module that owns a compressed layer list sets the list's *plan*: per module, the successor
+   layer or the module's predecessor layers (:mod:`.routing`); the family's own loop then runs the plan;
+3. after each optimizer step that updates successor parameters, a global optimizer post-hook advances the schedule.
+
+In eval mode the plan is the successor layers alone, so eval metrics measure the compressed model. With adapters
+disabled (or none left) it is the predecessor's layers. ``merge_and_unload()`` puts the successor layers in place of
+the predecessor's and updates the config: the result is the compact model, same class, no PEFT inside.
+"""
 
 from __future__ import annotations
 
+import copy
+import weakref
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
 from .._tuner import ModuleTuner
+from ..backbone import LAYER_COUNT_KEYS, LayerStack, UnsupportedModelError, inspect_backbone
+from . import routing
+from .schedule import draw_replacements, replacing_rate, split_into_modules
+
+# Config fields that hold one entry per layer and must be cut with the stack (Llama/Qwen/Mistral/Gemma `layer_types`).
+PER_LAYER_CONFIG_KEYS = ("layer_types",)
+# Flags transformers sets on every block to turn on gradient checkpointing; the successor layers copy them.
+CHECKPOINTING_ATTRIBUTES = ("gradient_checkpointing", "_gradient_checkpointing_func")
+
+
+class TheseusSuccessor(nn.Module):
+    """One adapter's state: the successor layers of every compressed stack and the schedule's counters.
+
+    Attributes:
+        stacks: One ``nn.ModuleList`` of successor layers per compressed stack.
+        stack_paths: Dotted path of each compressed stack in the base model.
+        layer_count_keys: Per stack, the config field holding its depth (updated by extraction).
+        modules_per_stack: Per stack, the predecessor layer range that each successor layer replaces.
+        optimizer_steps: Buffer: optimizer steps taken with the successor's parameters (drives the rate).
+        training_forwards: Buffer: training forwards run so far (indexes the draws).
+        current_draws: Per stack, per module, whether the last training forward ran the successor layer.
+    """
+
+    def __init__(self, stacks: list[nn.ModuleList], predecessor_stacks: list[LayerStack], modules: list[list[range]]):
+        super().__init__()
+        self.stacks = nn.ModuleList(stacks)
+        self.stack_paths = tuple(stack.path for stack in predecessor_stacks)
+        self.layer_count_keys = tuple(stack.layer_count_key for stack in predecessor_stacks)
+        self.modules_per_stack = tuple(tuple(ranges) for ranges in modules)
+        self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("training_forwards", torch.zeros((), dtype=torch.long))
+        self.current_draws: list[list[bool]] | None = None
+
+    @property
+    def num_modules(self) -> int:
+        return sum(len(ranges) for ranges in self.modules_per_stack)
 
 
 class TheseusModel(ModuleTuner):
+    """BERT-of-Theseus (Xu et al., EMNLP 2020) as a PEFT tuner; see [`TheseusConfig`] and the module docstring.
+
+    Use it through ``peft.get_peft_model(finetuned_model, TheseusConfig(...))``; ``peft_model.merge_and_unload()``
+    returns the compressed model. Attach [`TheseusCallback`] to a ``Trainer`` to log the replacing rate.
+    """
+
     prefix = "theseus_"
     adapter_attribute = "theseus_modules"
+    # Successor layers replace the predecessor's layers inside the same forward and become the compact model's
+    # weights, so they keep the predecessor's dtype instead of PEFT's fp32 upcast.
+    upcast_adapter_weights = False
+
+    # ------------------------------------------------------------------ building
+    def _build_adapter_module(self, model: nn.Module, config, adapter_name: str) -> TheseusSuccessor:
+        stacks = inspect_backbone(model, layers_path=config.layers_path).stacks
+        for stack in stacks:
+            if config.num_successor_layers > stack.num_layers:
+                raise ValueError(
+                    f"num_successor_layers={config.num_successor_layers} is more than the {stack.num_layers} layers "
+                    f"of the predecessor's stack '{stack.path}': the successor must be smaller. Choose at most "
+                    f"{stack.num_layers} (to compress one stack only, set `layers_path`)."
+                )
+        successor_stacks, module_ranges = [], []
+        for stack in stacks:
+            predecessor = routing.predecessor_layers(stack.layers)
+            ranges = split_into_modules(len(predecessor), config.num_successor_layers)
+            successor_stacks.append(nn.ModuleList(_init_successor(predecessor, ranges, config.successor_init)))
+            module_ranges.append(ranges)
+        return TheseusSuccessor(successor_stacks, list(stacks), module_ranges)
+
+    def _attach(self, model: nn.Module, adapter_name: str) -> None:
+        state = self._routing_state()
+        if not state["handles"]:
+            state["handles"].append(model.register_forward_pre_hook(self._before_model_forward))
+            state["handles"].append(model.register_forward_hook(self._after_model_forward, always_call=True))
+            optimizer_handle = register_optimizer_step_post_hook(_optimizer_hook(self))
+            state["handles"].append(optimizer_handle)
+            weakref.finalize(self, optimizer_handle.remove)  # a model dropped without unload() leaves no global hook
+        for path in self.adapter_modules[adapter_name].stack_paths:
+            if path in state["stacks"]:
+                continue
+            layers = model.get_submodule(path)
+            owner = model.get_submodule(path.rpartition(".")[0])
+            state["stacks"][path] = routing.make_replaceable(layers)
+            state["handles"].append(owner.register_forward_pre_hook(_stack_hook(self, path, layers)))
+            state["handles"].append(
+                owner.register_forward_hook(lambda *_, layers=layers: routing.set_plan(layers, None), always_call=True)
+            )
+
+    def _routing_state(self) -> dict:
+        # plain attribute, looked up in __dict__: BaseTuner forwards missing attributes to the base model
+        return self.__dict__.setdefault("_theseus_routing", {"stacks": {}, "handles": [], "embedding_hook": None})
+
+    # ------------------------------------------------------------------ forward
+    def _before_model_forward(self, model: nn.Module, args) -> None:
+        successor = self.active_adapter_module
+        if successor is None or not model.training:
+            return
+        config = self.peft_config[self.active_adapter]
+        rate = replacing_rate(config, int(successor.optimizer_steps))
+        flat_draws = draw_replacements(config.seed, int(successor.training_forwards), rate, successor.num_modules)
+        successor.training_forwards += 1
+        draws, start = [], 0
+        for ranges in successor.modules_per_stack:
+            draws.append(flat_draws[start : start + len(ranges)])
+            start += len(ranges)
+        successor.current_draws = draws
+        if not any(flat_draws) and torch.is_grad_enabled() and not any(p.requires_grad for p in model.parameters()):
+            # No successor layer runs and nothing else trains: the loss would not require grad and backward would
+            # fail. Make the embeddings' output require grad instead; the successor gets no gradient this step,
+            # like an unused parameter in the official code.
+            state = self._routing_state()
+            state["embedding_hook"] = model.get_input_embeddings().register_forward_hook(_require_grad_once(state))
+
+    def _after_model_forward(self, *_) -> None:
+        state = self._routing_state()
+        if state["embedding_hook"] is not None:
+            state["embedding_hook"].remove()
+            state["embedding_hook"] = None
+
+    def _plan(self, path: str, layers: routing.ReplaceableLayers) -> list[nn.Module]:
+        """The blocks ``layers`` runs in this forward (see the module docstring)."""
+        predecessor = routing.predecessor_layers(layers)
+        successor = self.active_adapter_module
+        if successor is None or path not in successor.stack_paths:
+            return predecessor
+        stack_index = successor.stack_paths.index(path)
+        successor_layers = list(successor.stacks[stack_index])
+        for position, layer in enumerate(successor_layers):
+            _follow_predecessor_flags(layer, predecessor[position], layers.training)
+        if not layers.training or successor.current_draws is None:
+            return successor_layers
+        plan = []
+        draws = successor.current_draws[stack_index]
+        for module, replaced, successor_layer in zip(
+            successor.modules_per_stack[stack_index], draws, successor_layers
+        ):
+            plan.extend([successor_layer] if replaced else predecessor[module.start : module.stop])
+        return plan
+
+    # ------------------------------------------------------------------ schedule
+    def replacing_rate(self, adapter_name: str | None = None) -> float:
+        """The replacement probability p the next training forward of ``adapter_name`` (default: active) uses."""
+        name = adapter_name or self.active_adapter
+        successor = self.adapter_modules[name]
+        return replacing_rate(self.peft_config[name], int(successor.optimizer_steps))
+
+    @property
+    def current_draws(self) -> list[list[bool]] | None:
+        """Per stack, per module: whether the last training forward of the active adapter ran the successor."""
+        successor = self.active_adapter_module
+        return None if successor is None else successor.current_draws
+
+    def _count_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        held = {id(param) for group in optimizer.param_groups for param in group["params"]}
+        for successor in self.adapter_modules.values():
+            if any(id(param) in held for param in successor.parameters()):
+                successor.optimizer_steps += 1
+
+    # ------------------------------------------------------------------ unloading and extraction
+    def _check_merge_allowed(self) -> None:
+        # Nothing is merged into the predecessor's weights: extraction swaps whole layers, which every model allows.
+        return
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        successor = self._adapter_to_extract(adapter_names) if merge else None
+        self._detach()
+        if successor is not None:
+            for path, count_key, successor_layers in zip(
+                successor.stack_paths, successor.layer_count_keys, successor.stacks
+            ):
+                self._put_in_place(path, count_key, successor_layers, cut_per_layer_lists=len(successor.stacks) == 1)
+        # PEFT's own pass swaps modules_to_save wrappers for the trained (merge) or original (unload) module.
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    def _adapter_to_extract(self, adapter_names: list[str] | None) -> TheseusSuccessor:
+        names = adapter_names or ([self.active_adapter] if isinstance(self.active_adapter, str) else [])
+        if len(names) != 1 or names[0] not in self.adapter_modules:
+            raise ValueError(
+                f"merge_and_unload() extracts the successor of exactly one Theseus adapter; got {names}, available "
+                f"{list(self.adapter_modules)}. Pass `adapter_names=[name]` or `set_adapter(name)` first."
+            )
+        return self.adapter_modules[names[0]]
+
+    def _detach(self) -> None:
+        """Remove every hook and give the predecessor's layer lists back, as they were."""
+        state = self._routing_state()
+        for handle in state["handles"]:
+            handle.remove()
+        self._after_model_forward()
+        for layers in state["stacks"].values():
+            routing.restore_plain(layers)
+        state["stacks"].clear()
+        state["handles"].clear()
+
+    def _put_in_place(
+        self, path: str, count_key: str, successor_layers: nn.ModuleList, cut_per_layer_lists: bool
+    ) -> None:
+        """Replace the predecessor's stack at ``path`` by the successor layers and make the config say so.
+
+        Per-layer config lists (``layer_types``) describe the only stack of a decoder-only model; they are cut to the
+        first n_s entries, which describe the successor layers (successor layer i is structurally layer i).
+        """
+        owner_path, _, attribute = path.rpartition(".")
+        owner = self.model.get_submodule(owner_path)
+        predecessor = routing.predecessor_layers(getattr(owner, attribute))
+        new_layers = nn.ModuleList(list(successor_layers)).train(owner.training)
+        for position, layer in enumerate(new_layers):
+            routing.set_layer_index(layer, routing.layer_index_of(predecessor[position]))
+        setattr(owner, attribute, new_layers)
+
+        old_depth, new_depth = len(predecessor), len(new_layers)
+        config = self.model.config
+        setattr(config, count_key, new_depth)
+        for key in PER_LAYER_CONFIG_KEYS:
+            values = getattr(config, key, None)
+            if cut_per_layer_lists and isinstance(values, (list, tuple)) and len(values) == old_depth:
+                setattr(config, key, type(values)(values[:new_depth]))
+        # T5-style stacks keep their own copy of the config; keep its depth in step for in-memory use.
+        stack_config = getattr(owner, "config", None)
+        if stack_config is not None and stack_config is not config:
+            for key in LAYER_COUNT_KEYS:
+                real_key = stack_config.attribute_map.get(key, key)
+                if getattr(stack_config, real_key, None) == old_depth:
+                    setattr(stack_config, real_key, new_depth)
+
+
+def _init_successor(predecessor: list[nn.Module], modules: list[range], init: str) -> list[nn.Module]:
+    """Deep copies of predecessor layers: layer i (``"first_layers"``) or module i's last layer (``"one_per_module"``).
+
+    Successor layer i is always *structurally* predecessor layer i, so it keeps what only some positions have (T5's
+    relative attention bias lives in block 0 alone); ``"one_per_module"`` then loads the weights of module i's last
+    layer over it.
+    """
+    layers = []
+    for index, module in enumerate(modules):
+        layer = copy.deepcopy(predecessor[index])
+        if init == "one_per_module" and module[-1] != index:
+            source = predecessor[module[-1]].state_dict()
+            result = layer.load_state_dict(source, strict=False)
+            if result.unexpected_keys:
+                raise UnsupportedModelError(
+                    f"Layer {module[-1]} has parameters layer {index} lacks ({result.unexpected_keys[:3]}); use "
+                    "successor_init='first_layers' for this model."
+                )
+        layers.append(layer)
+    return layers
+
+
+def _follow_predecessor_flags(successor_layer: nn.Module, predecessor_layer: nn.Module, training: bool) -> None:
+    """Keep train/eval mode and gradient checkpointing of a successor layer in step with the model's own layers.
+
+    The successor layers live on the tuner, outside the base model, so ``base_model.eval()`` or
+    ``gradient_checkpointing_enable()`` called on the base model alone does not reach them.
+    """
+    if successor_layer.training != training:
+        successor_layer.train(training)
+    for attribute in CHECKPOINTING_ATTRIBUTES:
+        if attribute in predecessor_layer.__dict__:
+            setattr(successor_layer, attribute, predecessor_layer.__dict__[attribute])
+
+
+def _stack_hook(tuner: TheseusModel, path: str, layers: routing.ReplaceableLayers):
+    tuner_ref = weakref.ref(tuner)
+
+    def before_stack_forward(module, args):
+        tuner = tuner_ref()
+        routing.set_plan(layers, tuner._plan(path, layers) if tuner is not None else None)
+
+    return before_stack_forward
+
+
+def _optimizer_hook(tuner: TheseusModel):
+    # A weak reference: the global hook must not keep a deleted model alive.
+    tuner_ref = weakref.ref(tuner)
+
+    def after_optimizer_step(optimizer, args, kwargs):
+        tuner = tuner_ref()
+        if tuner is not None:
+            tuner._count_optimizer_step(optimizer)
+
+    return after_optimizer_step
+
+
+def _require_grad_once(state: dict):
+    def hook(module, args, output):
+        if isinstance(output, torch.Tensor) and not output.requires_grad:
+            output.requires_grad_(True)
+        state["embedding_hook"].remove()
+        state["embedding_hook"] = None
+
+    return hook
