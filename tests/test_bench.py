@@ -7,7 +7,7 @@ import pytest
 from peft_ladder.bench import cli, estimate, methods, presets, report
 from peft_ladder.bench.measure import CellSettings, run_cell
 
-CPU_METHODS = ["lora", "lst", "full", "theseus"]
+CPU_METHODS = ["lora", "lst", "full", "theseus", "qlora"]
 CELL_KEYS = {
     "method",
     "batch_size",
@@ -33,14 +33,14 @@ def _bench(tmp_path, *extra):
 
 
 def test_every_cpu_method_reports_numbers_with_schema_ratios_estimate_and_chart(tmp_path):
-    methods = ",".join(CPU_METHODS + ["qlora"])
+    methods = ",".join(CPU_METHODS + ["lora-chunked"])
     document = _bench(tmp_path, "--methods", methods, "--batch-sizes", "2", "--in-process", "--plot", "--estimate")
 
     assert document["schema"] == report.SCHEMA
     assert document["settings"]["task"] == "causal-lm" and document["settings"]["seq_len"] == 16
     assert {"hardware", "torch", "transformers", "peft", "date_utc"} <= set(document["environment"])
     cells = {(cell["method"], cell["batch_size"]): cell for cell in document["cells"]}
-    assert set(cells) == {(method, 2) for method in CPU_METHODS + ["qlora"]}
+    assert set(cells) == {(method, 2) for method in CPU_METHODS + ["lora-chunked"]}
     for method in CPU_METHODS:
         cell = cells[(method, 2)]
         assert CELL_KEYS <= set(cell), CELL_KEYS - set(cell)
@@ -48,13 +48,15 @@ def test_every_cpu_method_reports_numbers_with_schema_ratios_estimate_and_chart(
         assert cell["peak_memory_bytes"] >= 0 and cell["step_time_s"] > 0
         assert len(cell["step_times_s"]) == 1 and cell["final_loss"] > 0
         assert 0 < cell["trainable_params"] <= cell["total_params"]
-        assert cell["estimate"]["status"] == "ok" and cell["estimate"]["peak_bytes"] > 0
+        if method != "qlora":  # quantized weights cannot be built on the meta device
+            assert cell["estimate"]["status"] == "ok" and cell["estimate"]["peak_bytes"] > 0
         assert "estimate_error" in cell  # None when the in-process RSS peak did not rise
     assert cells[("full", 2)]["trainable_params"] == cells[("full", 2)]["total_params"]
     assert cells[("lst", 2)]["trainable_params"] < cells[("lora", 2)]["trainable_params"]
     assert cells[("lora", 2)]["time_vs_baseline"] == pytest.approx(1.0)
-    # nf4 needs CUDA: reported as skipped with the reason, not dropped.
-    assert cells[("qlora", 2)]["status"] == "skipped" and "CUDA" in cells[("qlora", 2)]["reason"]
+    assert cells[("qlora", 2)]["estimate"]["status"] == "skipped"
+    assert cells[("qlora", 2)]["total_params"] == cells[("lora", 2)]["total_params"]  # nf4 counts logical elements
+    assert cells[("lora-chunked", 2)]["status"] == "ok"
     assert (tmp_path / "bench.png").stat().st_size > 10_000
 
 
@@ -114,6 +116,11 @@ def test_a_broken_cell_is_reported_not_raised(monkeypatch):
     monkeypatch.setitem(methods.METHODS, "lora", methods.Method("lora", "broken on purpose", broken))
     result = run_cell(CellSettings(model="tiny-llama", method="lora", batch_size=1, seq_len=8, steps=1))
     assert result.status == "error" and "side network exploded" in result.reason
+
+
+def test_a_method_that_does_not_apply_is_skipped_with_its_reason():
+    result = run_cell(CellSettings(model="tiny-bert", method="lora-chunked", batch_size=1, seq_len=8, steps=1))
+    assert result.status == "skipped" and "decoder" in result.reason
 
 
 def test_bad_model_and_unknown_method_fail_clearly(tmp_path):

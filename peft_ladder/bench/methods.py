@@ -8,7 +8,6 @@ skipped with the reason, never silently dropped.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,30 +66,26 @@ def _lst_compiled(model, spec: ModelSpec):
 
 
 def _quantize(model, scheme: str):
-    quantize = getattr(peft_ladder, "quantize", None)
-    if quantize is None:
-        raise MethodUnavailable("peft_ladder.quantize is not available in this build")
-    return quantize(model, scheme)
-
-
-def _needs_bitsandbytes_cuda(device: str) -> str | None:
-    if not str(device).startswith("cuda"):
-        return "nf4 needs CUDA (bitsandbytes' 4-bit training path); run with --device cuda"
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return "nf4 needs the bitsandbytes package (pip install bitsandbytes)"
-    return None
+    """The backbone's layer-stack linears quantized by ``peft_ladder.quantize`` (bitsandbytes or torchao nf4, torchao
+    int8: whichever backend the device has)."""
+    try:
+        return peft_ladder.quantize(model, scheme)
+    except peft_ladder.SchemeUnavailableError as error:
+        raise MethodUnavailable(str(error)) from error
 
 
 def _qlora(model, spec: ModelSpec):
     return _lora(_quantize(model, "nf4"), spec)
 
 
+# LST on a quantized backbone starts its side network from random weights: the pruned init reads the backbone's
+# float weights, which a quantized backbone no longer has. Initialisation changes neither memory nor speed.
 def _lst_int8(model, spec: ModelSpec):
-    return get_peft_model(_quantize(model, "int8"), _lst_config(spec))
+    return get_peft_model(_quantize(model, "int8"), _lst_config(spec, init="random"))
 
 
 def _lst_nf4(model, spec: ModelSpec):
-    return get_peft_model(_quantize(model, "nf4"), _lst_config(spec))
+    return get_peft_model(_quantize(model, "nf4"), _lst_config(spec, init="random"))
 
 
 def _theseus(model, spec: ModelSpec):
@@ -121,13 +116,12 @@ METHODS = {
         Method("lst", f"Ladder Side-Tuning, r={LST_REDUCTION}, every layer", _lst),
         Method("full", "full fine-tuning, every parameter", _full),
         Method("theseus", "BERT-of-Theseus compression to half the layers, replacing rate 0.5", _theseus),
-        Method("qlora", "LoRA on an nf4-quantized backbone", _qlora, _needs_bitsandbytes_cuda),
+        Method("qlora", "LoRA on an nf4-quantized backbone (peft_ladder.quantize 'nf4')", _qlora),
         Method("lst-int8", "LST on an int8-quantized backbone (peft_ladder.quantize 'int8')", _lst_int8),
         Method(
             "lst-nf4",
             "LST on an nf4-quantized backbone (peft_ladder.quantize 'nf4')",
             _lst_nf4,
-            _needs_bitsandbytes_cuda,
         ),
         # Extra baselines for the GPU comparison: LoRA with the two standard memory levers.
         Method("lora-chunked", "LoRA with the LM loss computed in checkpointed chunks", _lora, chunked_loss=True),

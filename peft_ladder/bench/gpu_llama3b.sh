@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The Llama-3.2-3B-shaped GPU comparison in one command: bf16, sequence 768, AdamW, random weights, batches 16 and 4.
+#
+# Cells run in priority order (LoRA b16, LST b16, LoRA b4, LST b4, then LoRA + chunked loss, LoRA + gradient
+# checkpointing, LST + torch.compile, full fine-tuning, quantized variants) and bench.json is rewritten after each
+# one, so a run cut short keeps every finished figure. Each cell also carries the --estimate prediction. A few minutes
+# on an H100/H200.
+#
+#   bash peft_ladder/bench/gpu_llama3b.sh [OUTPUT_DIR] [extra peft-ladder bench flags]
+#   bash peft_ladder/bench/gpu_llama3b.sh /tmp/dry --model tiny-llama --device cpu --steps 1   # CPU dry run
+set -euo pipefail
+output_dir=${1:-runs/bench-gpu-llama3b-$(date -u +%Y%m%d-%H%M%S)}
+shift || true
+python=${PYTHON:-python3}
+exec "$python" -m peft_ladder.bench.cli bench --suite gpu-llama3b --estimate --plot --output "$output_dir" "$@"
