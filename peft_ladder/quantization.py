@@ -284,6 +284,8 @@ def _check_not_quantized(model: nn.Module, scheme: str) -> None:
 
 
 def _is_quantized_module(module: nn.Module) -> bool:
+    if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
+        return True
     if type(module).__module__.startswith(("torch.ao.nn.quantized", "bitsandbytes")):
         return True
     weight = getattr(module, "weight", None)
@@ -482,10 +484,37 @@ def _transformers_quantizer(model: nn.Module, scheme: str, converted: Iterable[s
     return config, AutoHfQuantizer.from_config(config, pre_quantized=True)
 
 
+class DynamicInt8Linear(torch.ao.nn.quantized.dynamic.Linear):
+    """PyTorch's dynamic int8 ``Linear`` (what ``quantize_dynamic`` makes), tolerant of partial state dicts.
+
+    PEFT loads an adapter with ``model.load_state_dict(adapter_weights, strict=False)``. PyTorch's quantized Linear
+    and its packed parameters raise ``KeyError`` for their own keys when such a partial dict lacks them; these leave
+    the layer as it is and report the keys as missing, like every other module.
+    """
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:
+        own = [prefix + "scale", prefix + "zero_point"]
+        if not any(key in state_dict for key in own):
+            missing_keys.extend(own)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+
+
+class _PackedParams(torch.ao.nn.quantized.modules.linear.LinearPackedParams):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:
+        own = [prefix + "dtype", prefix + "_packed_params"]
+        if not any(key in state_dict for key in own):
+            missing_keys.extend(own)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+
+
 def _torch_dynamic_int8(linear: nn.Linear, device: torch.device) -> nn.Module:
     fresh = _fresh_linear(linear, device)
     fresh.qconfig = torch.ao.quantization.default_dynamic_qconfig
-    return torch.ao.nn.quantized.dynamic.Linear.from_float(fresh)
+    quantized = DynamicInt8Linear.from_float(fresh)
+    quantized._packed_params.__class__ = _PackedParams  # same state, tolerant loading (see DynamicInt8Linear)
+    return quantized
 
 
 def _torchao_nf4(linear: nn.Linear, device: torch.device) -> nn.Module:

@@ -296,6 +296,17 @@ def test_torchao_schemes_save_pretrained_and_reload(tmp_path, scheme, backend):
         quantize(reloaded, "int8")
 
 
+def test_int8_dynamic_tolerates_partial_state_dicts():
+    """PEFT loads adapters with load_state_dict(strict=False); PyTorch's own dynamic Linear raises KeyError there."""
+    model = quantize(seq_cls_bert(), "int8-dynamic")
+    before = snapshot(model)
+    result = model.load_state_dict({"classifier.bias": torch.ones(8)}, strict=False)
+    assert "bert.encoder.layer.0.attention.self.query.scale" in result.missing_keys
+    assert torch.equal(model.classifier.bias, torch.ones(8))
+    before["classifier.bias"] = [torch.ones(8)]
+    assert_same(before, snapshot(model))
+
+
 def test_torchao_config_load_saves_and_reloads(tmp_path):
     """The from_pretrained path (TorchAoConfig) saves quantized weights to safetensors and reloads them."""
     seq_cls_bert().save_pretrained(tmp_path / "base")
