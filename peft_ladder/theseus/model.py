@@ -70,6 +70,7 @@ class TheseusModel(ModuleTuner):
 
     prefix = "theseus_"
     adapter_attribute = "theseus_modules"
+    card_tags = ("theseus", "bert-of-theseus", "model-compression")  # see peft_ladder._hub
     # Successor layers replace the predecessor's layers inside the same forward and become the compact model's
     # weights, so they keep the predecessor's dtype instead of PEFT's fp32 upcast.
     upcast_adapter_weights = False
