@@ -38,6 +38,11 @@ class AdapterModules(nn.Module, BaseTunerLayer):
     def modules_by_adapter(self) -> nn.ModuleDict:
         return getattr(self, self.adapter_layer_names[0])
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        # PEFT calls this after a low_cpu_mem_usage load; there is no base layer to follow (BaseTunerLayer's lookup
+        # would recurse), and the loaded tensors already sit on the device PEFT loaded them to.
+        return None
+
     def set_requires_grad_for(self, active: list[str], inference_mode: bool) -> None:
         for name, module in self.modules_by_adapter.items():
             module.requires_grad_(name in active and not inference_mode)

@@ -61,6 +61,7 @@ class LadderSideModel(ModuleTuner):
 
     prefix = "ladder_side_"
     adapter_attribute = "ladder_side_modules"
+    card_tags = ("ladder-side-tuning",)  # model card tags (peft_ladder._hub adds "peft" and the usage snippet)
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         self._router: LadderRouter | None = None
@@ -82,10 +83,11 @@ class LadderSideModel(ModuleTuner):
         _check_backbone_shape(config, info)
         plans = self._plans or _plan_stacks(model, info)
         tapped = _tapped_layers(config, info)
-        empty = self._low_cpu_mem_usage or any(p.is_meta for p in model.parameters())
-        build_context = _empty_weights() if empty else contextlib.nullcontext()
+        # low_cpu_mem_usage loading builds on the meta device (our flag, or PEFT's init_empty_weights around us)
+        build_context = _empty_weights() if self._low_cpu_mem_usage else contextlib.nullcontext()
         with build_context:
             network = self._build_network(model, config, info, plans, tapped)
+        empty = any(p.is_meta for p in network.parameters())
         reference = model.get_input_embeddings().weight
         if not empty:
             network.to(device=reference.device, dtype=reference.dtype)
