@@ -120,3 +120,21 @@ def test_other_peft_methods_keep_the_original_push(fake_hub):
     (commit,) = fake_hub.commits
     metadata, text = _card_metadata(commit["files"]["README.md"])
     assert "import peft_ladder" not in text  # untouched: transformers' own card
+
+
+def test_auto_peft_model_loads_from_a_local_base_path(tmp_path):
+    """`base_model_name_or_path` is a local directory when the base was loaded from disk: AutoPeftModel follows it."""
+    import torch
+    from peft import AutoPeftModelForSequenceClassification
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny_model("bert", transformers.AutoModelForSequenceClassification).save_pretrained(base_dir)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(base_dir)
+    peft_model = get_peft_model(base, LadderSideConfig(task_type=TaskType.SEQ_CLS, reduction_factor=4)).eval()
+    assert peft_model.active_peft_config.base_model_name_or_path == str(base_dir)
+    peft_model.save_pretrained(adapter_dir)
+
+    reloaded = AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir).eval()
+    input_ids = torch.tensor([[2, 5, 7, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=input_ids).logits, peft_model(input_ids=input_ids).logits)
