@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import sys
 import time
 from dataclasses import asdict
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_quality(names: list[str] | None) -> int:
-    """Run each quality suite's ``main([])``; a suite not built yet is skipped with a message."""
+    """Run each quality suite's ``main`` with its defaults; a suite not built yet is skipped with a message."""
     failures = 0
     for name in names or QUALITY_SUITES:
         module_name = f"peft_ladder.bench.{name if name.endswith('_quality') else name + '_quality'}"
@@ -100,11 +101,16 @@ def run_quality(names: list[str] | None) -> int:
             print(f"[quality] {module_name}: not available in this build, skipped")
             continue
         print(f"[quality] running {module_name}", flush=True)
+        suite_main = importlib.import_module(module_name).main
+        saved_argv = sys.argv
+        sys.argv = [module_name]  # suites whose main() takes no argv parse sys.argv: give them their defaults
         try:
-            importlib.import_module(module_name).main([])
+            suite_main([]) if inspect.signature(suite_main).parameters else suite_main()
         except Exception as error:  # one broken suite must not hide the others' results
             failures += 1
             print(f"[quality] {module_name} failed: {type(error).__name__}: {error}", file=sys.stderr)
+        finally:
+            sys.argv = saved_argv
     return 1 if failures else 0
 
 
