@@ -185,17 +185,18 @@ def main(argv=None) -> None:
     teacher_info = train_teacher(args.out, data)
     print("teacher", teacher_info, flush=True)
     teacher = transformers.AutoModelForSequenceClassification.from_pretrained(args.out / "teacher").eval()
-    runs = {}
-    for method in args.methods:  # all seeds of one student before the next: partial results are complete rows
-        runs[method] = [
-            cached(
-                args.out / f"{method}_lr{STUDENT_LR}_seed{seed}.json",
-                lambda method=method, seed=seed: run_student(
-                    method, args.out / "teacher", teacher, data, STUDENT_LR, seed, steps, args.out
-                ),
+    runs = {method: [] for method in args.methods}
+    for seed in SEEDS[: args.seeds]:  # every student at one seed before the next seed: partial results compare
+        for method in args.methods:
+            path = args.out / f"{method}_lr{STUDENT_LR}_seed{seed}.json"
+            runs[method].append(
+                cached(
+                    path,
+                    lambda method=method, seed=seed: run_student(
+                        method, args.out / "teacher", teacher, data, STUDENT_LR, seed, steps, args.out
+                    ),
+                )
             )
-            for seed in SEEDS[: args.seeds]
-        ]
     summary = summarize(teacher_info, runs, args.seeds)
     (args.out / "summary.md").write_text(summary + "\n")
     print(summary)
