@@ -504,3 +504,15 @@ def test_real_minilm_compresses_to_three_layers(minilm_dir, tmp_path):
     assert reloaded.config.num_hidden_layers == 3 and len(reloaded.bert.encoder.layer) == 3
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, compressed_out)
+
+
+def test_task_type_wrapper_draws_and_trains_the_head_it_adds():
+    model = make_model("bert")
+    peft_model = peft.get_peft_model(model, TheseusConfig(num_successor_layers=2, task_type="SEQ_CLS")).train()
+    assert type(peft_model).__name__ == "PeftModelForSequenceClassification"
+    peft_model(**inputs_for("bert"), labels=torch.tensor([0, 1])).loss.backward()
+    assert int(peft_model.base_model.adapter_modules["default"].training_forwards) == 1
+    # PEFT's rule for SEQ_CLS: the classifier joins modules_to_save and trains; the predecessor stays frozen
+    trainable = {name for name, param in peft_model.named_parameters() if param.requires_grad}
+    assert any("classifier.modules_to_save" in name for name in trainable)
+    assert not any(".encoder.layer." in name for name in trainable)

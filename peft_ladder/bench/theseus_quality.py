@@ -32,25 +32,31 @@ import transformers
 import peft_ladder
 from peft_ladder import TheseusConfig, assets
 
-# The grids, declared before any run.
-PREDECESSOR_LRS = (5e-5, 1e-4)
+# The grids, declared before any run. The predecessor gets no grid on the shared CPU: 1e-4 is the rate of the
+# calibration run in shared/ASSETS.md (pass more rates with --predecessor-lrs where compute allows).
+PREDECESSOR_LRS = (1e-4,)
 THESEUS_LRS = (1e-4, 3e-4)
 TRUNCATION_LRS = (1e-4, 3e-4)
 SEEDS = (0, 1, 2)
 MAX_LENGTH = 64
 BATCH_SIZE = 32
-# Budgets sized for a shared, heavily loaded 2-core CPU (pass --device cuda where a GPU is available and raise them):
-# the predecessor sees 120 batches (3,840 of the 6,530 train sentences), each compression run (Theseus and
-# truncation alike) 60 batches of the shuffled train split.
-PREDECESSOR_STEPS = 120
-COMPRESSION_STEPS = 60
+# Budgets sized for a shared, heavily loaded 2-core CPU (on a GPU, raise them with --predecessor-steps and
+# --compression-steps): the predecessor sees 100 batches (3,200 of the 6,530 train sentences), each compression run
+# (Theseus and truncation alike) 50 batches of the shuffled train split.
+PREDECESSOR_STEPS = 100
+COMPRESSION_STEPS = 50
 NUM_SUCCESSOR_LAYERS = 3
-SCHEDULES = {
-    # paper's constant p = 0.5, then phase 2 (p = 1, successor alone) for the second half
-    "constant": dict(scheduler="constant", replacing_rate=0.5, steps_for_replacing=COMPRESSION_STEPS // 2),
-    # curriculum p_t = min(1, k t + b): from b = 0.3, reaching 1 at 70% of the steps
-    "linear": dict(scheduler="linear", replacing_rate=0.3, linear_k=1.0 / COMPRESSION_STEPS),
-}
+SCHEDULE_NAMES = ("constant", "linear")
+
+
+def schedule_config(name: str) -> dict:
+    """TheseusConfig fields of each schedule, for a run of COMPRESSION_STEPS optimizer steps."""
+    if name == "constant":  # the paper's p = 0.5, then phase 2 (p = 1: the successor alone) for the second half
+        return dict(scheduler="constant", replacing_rate=0.5, steps_for_replacing=COMPRESSION_STEPS // 2)
+    # the curriculum p_t = min(1, k t + b): from b = 0.3, reaching 1 at 70% of the steps
+    return dict(scheduler="linear", replacing_rate=0.3, linear_k=1.0 / COMPRESSION_STEPS)
+
+
 SPEED_BATCH, SPEED_LENGTH, SPEED_REPEATS = 32, 64, 15
 
 
@@ -179,7 +185,7 @@ def compression_split(data):
 
 def run_theseus(out, tokenizer, data, schedule, lr, seed, evaluate_test):
     model = load_predecessor(out)
-    config = TheseusConfig(num_successor_layers=NUM_SUCCESSOR_LAYERS, seed=seed, **SCHEDULES[schedule])
+    config = TheseusConfig(num_successor_layers=NUM_SUCCESSOR_LAYERS, seed=seed, **schedule_config(schedule))
     peft_model = peft.get_peft_model(model, config)
     seconds = train(peft_model, tokenizer, compression_split(data), lr, COMPRESSION_STEPS, seed)
     final_rate = peft_model.base_model.replacing_rate()
@@ -213,7 +219,7 @@ def stage_compression(out, tokenizer, data):
         f"theseus_{schedule}": lambda lr, seed, schedule=schedule: run_theseus(
             out, tokenizer, data, schedule, lr, seed, True
         )
-        for schedule in SCHEDULES
+        for schedule in SCHEDULE_NAMES
     }
     methods["truncation"] = lambda lr, seed: run_truncation(out, tokenizer, data, lr, seed, True)
     grids = {"truncation": TRUNCATION_LRS} | {name: THESEUS_LRS for name in methods if name != "truncation"}
@@ -298,7 +304,7 @@ def speed_line(speed) -> str:
 
 
 def main(argv=None) -> None:
-    global DEVICE, MODEL_DIR, COMPRESSION_STEPS, PREDECESSOR_STEPS, SPEED_REPEATS
+    global DEVICE, MODEL_DIR, COMPRESSION_STEPS, PREDECESSOR_LRS, PREDECESSOR_STEPS, SPEED_REPEATS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/theseus_quality"))
     parser.add_argument("--stage", choices=("quality", "speed", "all"), default="all")
@@ -306,6 +312,9 @@ def main(argv=None) -> None:
     parser.add_argument("--model-dir", type=pathlib.Path, help="a copy of all-MiniLM-L6-v2 (default: installed)")
     parser.add_argument("--data-json", type=pathlib.Path, help="Rotten Tomatoes splits as JSON (default: installed)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--predecessor-lrs", type=float, nargs="+", default=PREDECESSOR_LRS)
+    parser.add_argument("--predecessor-steps", type=int, default=PREDECESSOR_STEPS)
+    parser.add_argument("--compression-steps", type=int, default=COMPRESSION_STEPS)
     parser.add_argument("--smoke", action="store_true", help="a few steps on small subsets, to check the pipeline")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -313,6 +322,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     DEVICE, MODEL_DIR = torch.device(args.device), args.model_dir
+    PREDECESSOR_LRS, PREDECESSOR_STEPS = tuple(args.predecessor_lrs), args.predecessor_steps
+    COMPRESSION_STEPS = args.compression_steps
     tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR or assets.minilm_path())
     if args.data_json:
         splits = json.loads(args.data_json.read_text())
