@@ -167,7 +167,8 @@ def estimate_cell(model_name: str, method_name: str, batch_size: int, seq_len: i
     try:
         model = presets.build(spec, DTYPES[dtype], "meta")
         model.config._attn_implementation = FUSED_ATTENTION
-        model = method.prepare(model, spec)
+        # Methods may create their new modules on the default device; only shapes and dtypes matter here.
+        model = method.prepare(model, spec).to("meta")
         model.train()
         with torch.device("meta"):
             input_ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
