@@ -132,6 +132,7 @@ def main() -> None:
 
     adapter_dir = Path(training_args.output_dir) / "adapter"
     trainer.save_model(adapter_dir)  # adapter_config.json + adapter_model.safetensors, nothing of the backbone
+    trainer.accelerator.wait_for_everyone()  # under torchrun, rank 0 writes; the others read it below
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(base, adapter_dir)
     generated_reloaded = continue_prompt(reloaded, tokenizer, script_args.prompt, script_args.max_new_tokens)

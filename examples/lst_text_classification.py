@@ -110,6 +110,7 @@ def main() -> None:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collator,
+        processing_class=tokenizer,  # saved next to the adapter
         compute_metrics=accuracy,
         callbacks=[peft_ladder.LadderGateLogger()],  # peft-ladder (optional): gate values in the logs
     )
@@ -119,7 +120,7 @@ def main() -> None:
 
     adapter_dir = Path(training_args.output_dir) / "adapter"
     trainer.save_model(adapter_dir)  # adapter_config.json + adapter_model.safetensors, nothing of the backbone
-    tokenizer.save_pretrained(adapter_dir)
+    trainer.accelerator.wait_for_everyone()  # under torchrun, rank 0 writes; the others read it below
     size_kb = (adapter_dir / "adapter_model.safetensors").stat().st_size / 1024
     print(f"saved the adapter to {adapter_dir} ({size_kb:.0f} KB)")
 

@@ -122,9 +122,9 @@ def main() -> None:
             output_dir=str(output_dir / "finetune"),
             learning_rate=script_args.finetune_learning_rate,
         )
-        make_trainer(predecessor, finetune_args).train()
-        predecessor.save_pretrained(output_dir / "finetuned")  # reuse with --finetuned_model_path
-        tokenizer.save_pretrained(output_dir / "finetuned")
+        finetune_trainer = make_trainer(predecessor, finetune_args, processing_class=tokenizer)
+        finetune_trainer.train()
+        finetune_trainer.save_model(output_dir / "finetuned")  # reuse with --finetuned_model_path
     predecessor_accuracy = make_trainer(predecessor, training_args).evaluate()["eval_accuracy"]
     predecessor_layers = predecessor.config.num_hidden_layers
 
@@ -149,8 +149,10 @@ def main() -> None:
     # 3. The compact model, saved and reloaded with plain transformers.
     compressed = model.merge_and_unload()
     compressed_dir = output_dir / "compressed"
-    compressed.save_pretrained(compressed_dir)
-    tokenizer.save_pretrained(compressed_dir)
+    if trainer.is_world_process_zero():  # under torchrun every rank holds the same model; one writes it
+        compressed.save_pretrained(compressed_dir)
+        tokenizer.save_pretrained(compressed_dir)
+    trainer.accelerator.wait_for_everyone()
     reloaded = AutoModelForSequenceClassification.from_pretrained(compressed_dir)
     reloaded_accuracy = make_trainer(reloaded, training_args).evaluate()["eval_accuracy"]
 

@@ -1,9 +1,9 @@
-"""Tiny data-parallel Trainer runs of an LST and a Theseus model, launched by `tests/test_distributed.py`.
+"""Tiny data-parallel Trainer runs of LST and Theseus models, launched by `tests/test_distributed.py`.
 
 Run it under a real launcher, 2 CPU processes with the gloo backend:
 
-    torchrun --nproc_per_node 2 tests/distributed_train.py --base DIR --output-dir OUT
-    accelerate launch --multi_gpu --num_processes 2 tests/distributed_train.py --base DIR --output-dir OUT
+    torchrun --nproc_per_node 2 tests/distributed_train.py --base DIR --causal-base DIR --output-dir OUT
+    accelerate launch --multi_gpu --num_processes 2 tests/distributed_train.py --base DIR --causal-base DIR ...
 
 (`accelerate launch --cpu --num_processes 2` starts ONE process unless MPI is set up: see docs/distributed.md.)
 
@@ -26,15 +26,23 @@ from pathlib import Path
 
 import torch
 from peft import TaskType, get_peft_model
-from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 import peft_ladder
 
 VOCAB_SIZE = 128
 SEQUENCE_LENGTH = 16
+METHODS = ("ladder", "theseus", "ladder_causal_lm")
 
 
 def make_dataset(num_examples: int, seed: int) -> list[dict]:
+    """Sentence classification."""
     generator = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 2, (num_examples,), generator=generator)
     offsets = torch.randint(0, VOCAB_SIZE // 2, (num_examples, SEQUENCE_LENGTH), generator=generator)
@@ -43,6 +51,13 @@ def make_dataset(num_examples: int, seed: int) -> list[dict]:
         {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": label}
         for ids, label in zip(input_ids, labels)
     ]
+
+
+def make_lm_dataset(num_examples: int, seed: int) -> list[dict]:
+    """Language modelling: text over 8 of the 128 tokens, so that the model learns which 8 within a few steps."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = 2 + 3 * torch.randint(0, 8, (num_examples, SEQUENCE_LENGTH), generator=generator)
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids} for ids in input_ids]
 
 
 def trainable_weights_hash(model: torch.nn.Module) -> str:
@@ -82,11 +97,17 @@ def train(method: str, args: argparse.Namespace) -> None:
     """Train one method with the Trainer and write this rank's record under ``args.output_dir / method``."""
     output_dir = args.output_dir / method
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(args.base)
-    if method == "ladder":
-        peft_config = peft_ladder.LadderSideConfig(task_type=TaskType.SEQ_CLS, reduction_factor=2)
+    if method == "ladder_causal_lm":
+        model = AutoModelForCausalLM.from_pretrained(args.causal_base)
+        peft_config = peft_ladder.LadderSideConfig(task_type=TaskType.CAUSAL_LM, reduction_factor=2)
+        train_dataset, eval_dataset = make_lm_dataset(512, seed=1), make_lm_dataset(64, seed=2)
     else:
-        peft_config = peft_ladder.TheseusConfig(task_type=TaskType.SEQ_CLS, num_successor_layers=2, seed=7)
+        model = AutoModelForSequenceClassification.from_pretrained(args.base)
+        if method == "ladder":
+            peft_config = peft_ladder.LadderSideConfig(task_type=TaskType.SEQ_CLS, reduction_factor=2)
+        else:
+            peft_config = peft_ladder.TheseusConfig(task_type=TaskType.SEQ_CLS, num_successor_layers=2, seed=7)
+        train_dataset, eval_dataset = make_dataset(512, seed=1), make_dataset(128, seed=2)
     model = get_peft_model(model, peft_config)
 
     training_args = TrainingArguments(
@@ -101,10 +122,12 @@ def train(method: str, args: argparse.Namespace) -> None:
         report_to=[],
         use_cpu=True,
         seed=0,
+        # The LST causal-LM forward override hides the model's signature from the Trainer's column filter, which
+        # would then drop input_ids (peft-ladder 0.1.0; see the issue-8 report). Our rows hold only model inputs.
+        remove_unused_columns=False,
     )
     draws = RecordDraws()
-    eval_dataset = make_dataset(128, seed=2)
-    trainer = Trainer(model=model, args=training_args, train_dataset=make_dataset(512, seed=1), callbacks=[draws])
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, callbacks=[draws])
     # The eval-mode model is deterministic (Theseus: the successor alone), so its loss before and after training is a
     # clean signal; the training losses of Theseus jump with each step's draws. Not `trainer.evaluate()` before
     # `train()`: with transformers 5.24 / accelerate 1.15 that leaves the model out of DDP (docs/distributed.md).
@@ -130,8 +153,9 @@ def train(method: str, args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", choices=["ladder", "theseus"], default=["ladder", "theseus"])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--base", type=Path, required=True, help="a saved sequence-classification model")
+    parser.add_argument("--causal-base", type=Path, help="a saved causal LM (for ladder_causal_lm)")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--max-steps", type=int, default=24)
     parser.add_argument("--learning-rate", type=float, default=5e-3)

@@ -1,10 +1,10 @@
 """LST and Theseus train with DistributedDataParallel through the real launchers: 2 CPU processes, gloo backend.
 
-`tests/distributed_train.py` is an ordinary Trainer script that trains an LST model, then a Theseus model. These tests
-launch it with `torchrun` and with `accelerate launch` and check what data-parallel training must guarantee: the loss
-goes down, every rank ends with the same trainable weights although each read different batches, the Theseus draws
-agree across ranks, DDP is told about parameters that get no gradient in a step, and the checkpoint rank 0 saved
-reloads to those same weights.
+`tests/distributed_train.py` is an ordinary Trainer script that trains an LST sequence classifier, a Theseus
+compression and an LST causal LM, one after the other. These tests launch it with `torchrun` and with `accelerate
+launch` and check what data-parallel training must guarantee: the loss goes down, every rank ends with the same
+trainable weights although each read different batches, the Theseus draws agree across ranks, DDP is told about
+parameters that get no gradient in a step, and the checkpoint rank 0 saved reloads to those same weights.
 """
 
 from __future__ import annotations
@@ -49,10 +49,13 @@ def launcher_command(launcher: str) -> list[str]:
     return [str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", str(NUM_PROCESSES), "--master_port", port]
 
 
-def launch(launcher: str, base: pathlib.Path, output_dir: pathlib.Path):
+def launch(launcher: str, bases: dict[str, pathlib.Path], output_dir: pathlib.Path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes even on a GPU machine: this test is about gloo
-    command = launcher_command(launcher) + [str(SCRIPT), "--base", str(base), "--output-dir", str(output_dir)]
+    command = launcher_command(launcher) + [
+        str(SCRIPT), "--base", str(bases["seq_cls"]), "--causal-base", str(bases["causal_lm"]),
+        "--output-dir", str(output_dir),
+    ]  # fmt: skip
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
@@ -61,18 +64,25 @@ def read_ranks(output_dir: pathlib.Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> pathlib.Path:
-    path = tmp_path_factory.mktemp("tiny-bert-seq-cls")
-    tiny_model("bert", transformers.AutoModelForSequenceClassification, num_labels=2).save_pretrained(path)
-    return path
+def tiny_bases(tmp_path_factory) -> dict[str, pathlib.Path]:
+    """A tiny BERT sequence classifier and a tiny Llama causal LM, saved for the launched processes to load."""
+    bases = {}
+    for task, family, auto_class in (
+        ("seq_cls", "bert", transformers.AutoModelForSequenceClassification),
+        ("causal_lm", "llama", transformers.AutoModelForCausalLM),
+    ):
+        bases[task] = tmp_path_factory.mktemp(f"tiny-{family}")
+        tiny_model(family, auto_class).save_pretrained(bases[task])
+    return bases
 
 
-def check_data_parallel_run(ranks: list[dict], base: pathlib.Path, output_dir: pathlib.Path) -> None:
+def check_data_parallel_run(ranks: list[dict], base: pathlib.Path, auto_class, output_dir: pathlib.Path) -> None:
     for record in ranks:
         assert record["world_size"] == NUM_PROCESSES and record["ddp_backend"] == "gloo"
         assert record["wrapped_in_ddp"]
     # The loss goes down: eval loss of the deterministic model, before vs after training.
-    assert ranks[0]["eval_loss_after"] < 0.8 * ranks[0]["eval_loss_before"], ranks[0]
+    # (by at least 0.1 nat; the tiny LM's frozen random head caps how far its loss can fall, near 4.45 from 4.82)
+    assert ranks[0]["eval_loss_after"] < ranks[0]["eval_loss_before"] - 0.1, ranks[0]
     # Every rank read different batches, yet holds the same trainable weights: gradients were averaged.
     assert len({record["trainable_hash"] for record in ranks}) == 1
     assert ranks[0]["losses"] == ranks[1]["losses"]  # Trainer logs the loss gathered from all ranks
@@ -80,7 +90,7 @@ def check_data_parallel_run(ranks: list[dict], base: pathlib.Path, output_dir: p
     # The checkpoint rank 0 saved reloads onto a fresh base model to exactly the trained weights.
     checkpoint = output_dir / f"checkpoint-{len(ranks[0]['losses'])}"
     assert (checkpoint / "adapter_model.safetensors").is_file()
-    base_model = transformers.AutoModelForSequenceClassification.from_pretrained(base)
+    base_model = auto_class.from_pretrained(base)
     reloaded = PeftModel.from_pretrained(base_model, checkpoint, is_trainable=True)
     assert trainable_weights_hash(reloaded) == ranks[0]["trainable_hash"]
 
@@ -99,12 +109,17 @@ def check_theseus_draws(ranks: list[dict]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_ladder_and_theseus_train_data_parallel(launcher, tiny_base, tmp_path):
-    result = launch(launcher, tiny_base, tmp_path)
+def test_ladder_and_theseus_train_data_parallel(launcher, tiny_bases, tmp_path):
+    result = launch(launcher, tiny_bases, tmp_path)
     assert result.returncode == 0, f"{launcher} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    for method in ("ladder", "theseus"):
+    runs = {
+        "ladder": (tiny_bases["seq_cls"], transformers.AutoModelForSequenceClassification),
+        "theseus": (tiny_bases["seq_cls"], transformers.AutoModelForSequenceClassification),
+        "ladder_causal_lm": (tiny_bases["causal_lm"], transformers.AutoModelForCausalLM),
+    }
+    for method, (base, auto_class) in runs.items():
         ranks = read_ranks(tmp_path / method)
-        check_data_parallel_run(ranks, tiny_base, tmp_path / method)
+        check_data_parallel_run(ranks, base, auto_class, tmp_path / method)
         if method == "theseus":
             check_theseus_draws(ranks)
 
