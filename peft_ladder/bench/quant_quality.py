@@ -77,13 +77,16 @@ def run_lst(args) -> dict:
         for scheme in ["fp32", *args.schemes]:
             model = load_minilm(seed)
             bytes_before = linear_weight_bytes(model)
-            if scheme != "fp32":
+            if scheme != "fp32" and args.quantize_at == "before":
                 peft_ladder.quantize(model, scheme)
             config = peft_ladder.LadderSideConfig(
                 task_type="SEQ_CLS", reduction_factor=args.reduction_factor, init=args.init
             )
             transformers.set_seed(seed)
             peft_model = get_peft_model(model, config)
+            if scheme != "fp32" and args.quantize_at == "after":
+                # the side network was pruned from the fp32 weights, exactly as in the fp32 run
+                peft_ladder.quantize(peft_model.get_base_model(), scheme)
             started = time.perf_counter()
             textcls.train(
                 peft_model,
@@ -136,6 +139,8 @@ def summarize_lst(result: dict) -> str:
 
 def compressed_minilm(args, data: textcls.TokenizedSplits, seed: int) -> nn.Module:
     """A fine-tuned 3-layer MiniLM: Theseus' merged successor, or MiniLM's first 3 layers fine-tuned directly."""
+    if args.successor_dir:
+        return AutoModelForSequenceClassification.from_pretrained(args.successor_dir, dtype=torch.float32).eval()
     model = load_minilm(seed)
     train = dict(collator=data.collator, seed=seed, batch_size=args.batch_size, show_progress=False)
     if args.successor == "truncated":
@@ -187,7 +192,7 @@ def run_deploy(args) -> dict:
             row = dict(
                 seed=seed,
                 scheme=name,
-                successor=args.successor,
+                successor=args.successor_dir or args.successor,
                 layers=args.layers,
                 seconds_per_test_pass=seconds[name],
                 speedup_vs_fp32=seconds["fp32"] / seconds[name],
@@ -237,8 +242,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learning-rate", type=float, default=None, help="default: lst 3e-3; deploy 1e-4")
     parser.add_argument("--reduction-factor", type=int, default=8, help="lst: side network width divisor")
     parser.add_argument("--init", default="pruned", help="lst: side network initialisation")
+    parser.add_argument(
+        "--quantize-at",
+        choices=["before", "after"],
+        default="before",
+        help="lst: quantize the backbone before get_peft_model (the API's way) or after it, so that the side "
+        "network is pruned from the fp32 weights in every run",
+    )
     parser.add_argument("--successor", choices=["theseus", "truncated"], default="theseus", help="deploy")
     parser.add_argument("--layers", type=int, default=3, help="deploy: depth of the compressed model")
+    parser.add_argument(
+        "--successor-dir",
+        default=None,
+        help="deploy: a saved merge_and_unload() model to quantize instead of training one (one model: pass one seed)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="deploy: timed passes over the test split")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default="runs/quant_quality")
@@ -260,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{args.experiment}-{args.successor}" if args.experiment == "deploy" else "lst"
+    name = f"{args.experiment}-{args.successor}" if args.experiment == "deploy" else f"lst-{args.quantize_at}"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     print(summarize_lst(result) if args.experiment == "lst" else summarize_deploy(result))
 

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..quantization import dequantized_weight
+
 LINEAR_TYPES = ("Linear", "Conv1D")
 
 
@@ -47,12 +49,15 @@ class Step:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return type(module).__name__ in LINEAR_TYPES or isinstance(module, nn.Linear)
+    return type(module).__name__ in LINEAR_TYPES or isinstance(
+        module, (nn.Linear, torch.ao.nn.quantized.dynamic.Linear)
+    )
 
 
 def _weight_out_in(module: nn.Module) -> torch.Tensor:
     """The weight as (out, in): transformers' Conv1D (GPT-2) stores it transposed."""
-    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
+    weight = dequantized_weight(module)  # plain float values of int8/nf4/... weights (quantized backbones)
+    return weight.T if type(module).__name__ == "Conv1D" else weight
 
 
 @torch.no_grad()
@@ -63,7 +68,8 @@ def trace_block_steps(model: nn.Module, stacks_layers: list[nn.ModuleList], prob
     handles = []
     for stack_index, layers in enumerate(stacks_layers):
         for name, module in layers[0].named_modules():
-            if not any(True for _ in module.parameters(recurse=False)):
+            # quantize_dynamic's int8 Linear keeps its weights packed, not as parameters
+            if not (_is_linear(module) or any(True for _ in module.parameters(recurse=False))):
                 continue
 
             def record(module, args, kwargs, name=name, stack_index=stack_index):
@@ -237,8 +243,10 @@ def _copy_pruned_(backbone: nn.Module, side: nn.Module, out_choice: torch.Tensor
         side.weight.copy_(pruned.T)
     else:
         side.weight.copy_(pruned)
-    if getattr(backbone, "bias", None) is not None and getattr(side, "bias", None) is not None:
-        side.bias.copy_(backbone.bias[out_choice.to(device)])
+    bias = getattr(backbone, "bias", None)
+    bias = bias() if callable(bias) else bias  # quantize_dynamic's Linear: a method
+    if bias is not None and getattr(side, "bias", None) is not None:
+        side.bias.copy_(bias[out_choice.to(device)])
 
 
 def iter_batches(dataloader: Iterable, num_batches: int):
