@@ -48,7 +48,9 @@ def test_every_cpu_method_reports_numbers_with_schema_ratios_estimate_and_chart(
         assert cell["peak_memory_bytes"] >= 0 and cell["step_time_s"] > 0
         assert len(cell["step_times_s"]) == 1 and cell["final_loss"] > 0
         assert 0 < cell["trainable_params"] <= cell["total_params"]
-        if method != "qlora":  # quantized weights cannot be built on the meta device
+        if method in ("qlora", "theseus"):  # quantized weights and value-dependent draws have no meta trace
+            assert cell["estimate"]["status"] == "skipped" and cell["estimate"]["reason"]
+        else:
             assert cell["estimate"]["status"] == "ok" and cell["estimate"]["peak_bytes"] > 0
         assert "estimate_error" in cell  # None when the in-process RSS peak did not rise
     assert cells[("full", 2)]["trainable_params"] == cells[("full", 2)]["total_params"]

@@ -178,7 +178,14 @@ def estimate_cell(model_name: str, method_name: str, batch_size: int, seq_len: i
         estimate.status, estimate.reason = "skipped", f"{type(error).__name__}: {error}".splitlines()[0]
         return estimate
     except Exception as error:
-        estimate.status, estimate.reason = "error", f"{type(error).__name__}: {error}".splitlines()[0][:500]
+        message = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+        if "meta tensors" in message:  # e.g. Theseus' replacement draws read a value: no shape-only trace exists
+            estimate.status, estimate.reason = (
+                "skipped",
+                f"the forward needs real values, not traceable on meta: {message}",
+            )
+        else:
+            estimate.status, estimate.reason = "error", message
         return estimate
 
     trainable = [p for p in model.parameters() if p.requires_grad]
