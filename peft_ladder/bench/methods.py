@@ -78,14 +78,12 @@ def _qlora(model, spec: ModelSpec):
     return _lora(_quantize(model, "nf4"), spec)
 
 
-# LST on a quantized backbone starts its side network from random weights: the pruned init reads the backbone's
-# float weights, which a quantized backbone no longer has. Initialisation changes neither memory nor speed.
 def _lst_int8(model, spec: ModelSpec):
-    return get_peft_model(_quantize(model, "int8"), _lst_config(spec, init="random"))
+    return get_peft_model(_quantize(model, "int8"), _lst_config(spec))
 
 
 def _lst_nf4(model, spec: ModelSpec):
-    return get_peft_model(_quantize(model, "nf4"), _lst_config(spec, init="random"))
+    return get_peft_model(_quantize(model, "nf4"), _lst_config(spec))
 
 
 def _theseus(model, spec: ModelSpec):
