@@ -150,6 +150,8 @@ class LadderRouter:
                     "adapter, or a tool that patches forward); unload it before adding a Ladder side-tuning adapter."
                 )
         for module, forward in patches:
+            # keep the original signature visible (Trainer drops dataset columns the forward does not name)
+            functools.update_wrapper(forward, forward.args[-1])
             module.forward = forward
             self._patched.append(module)
 
