@@ -135,3 +135,18 @@ def test_bad_model_and_unknown_method_fail_clearly(tmp_path):
 def test_quality_skips_suites_that_do_not_exist(capsys):
     assert cli.run_quality(["no_such_quality"]) == 0
     assert "not available in this build, skipped" in capsys.readouterr().out
+
+
+def test_quality_runs_each_suite_with_its_declared_arguments_and_reports_failures(monkeypatch, capsys):
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("peft_ladder.bench.fake_quality")
+    fake.main = lambda argv: calls.append(argv) or (argv == ["bad"] and sys.exit(2))
+    monkeypatch.setitem(sys.modules, "peft_ladder.bench.fake_quality", fake)
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setitem(cli.QUALITY_SUITES, "fake_quality", [["good"], ["bad"]])
+    assert cli.run_quality(["fake"]) == 1
+    assert calls == [["good"], ["bad"]]
+    assert "fake_quality failed: SystemExit: 2" in capsys.readouterr().err

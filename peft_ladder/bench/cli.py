@@ -27,7 +27,14 @@ import torch
 from . import presets, report
 from .methods import DEFAULT_METHODS, METHODS
 
-QUALITY_SUITES = ("lst_quality", "theseus_quality", "distill_quality", "quant_quality")
+# Each quality suite (added by its method's issue) and the argument lists it runs with: its defaults are the declared
+# grids, seeds and splits. quant_quality has two experiments.
+QUALITY_SUITES = {
+    "lst_quality": [[]],
+    "theseus_quality": [[]],
+    "distill_quality": [[]],
+    "quant_quality": [["lst"], ["deploy"]],
+}
 
 # The GPU comparison: Llama-3.2-3B shape, bf16, sequence 768, AdamW. Cells in priority order: a run cut short still
 # has the headline comparison (LoRA vs LST at batch 16, then at batch 4) before the extra baselines.
@@ -93,24 +100,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_quality(names: list[str] | None) -> int:
-    """Run each quality suite's ``main`` with its defaults; a suite not built yet is skipped with a message."""
+    """Run each quality suite's ``main`` with its declared arguments; a suite not built yet is skipped, said so."""
     failures = 0
-    for name in names or QUALITY_SUITES:
-        module_name = f"peft_ladder.bench.{name if name.endswith('_quality') else name + '_quality'}"
+    for name in names or list(QUALITY_SUITES):
+        name = name if name.endswith("_quality") else name + "_quality"
+        module_name = f"peft_ladder.bench.{name}"
         if importlib.util.find_spec(module_name) is None:
             print(f"[quality] {module_name}: not available in this build, skipped")
             continue
-        print(f"[quality] running {module_name}", flush=True)
         suite_main = importlib.import_module(module_name).main
-        saved_argv = sys.argv
-        sys.argv = [module_name]  # suites whose main() takes no argv parse sys.argv: give them their defaults
-        try:
-            suite_main([]) if inspect.signature(suite_main).parameters else suite_main()
-        except Exception as error:  # one broken suite must not hide the others' results
-            failures += 1
-            print(f"[quality] {module_name} failed: {type(error).__name__}: {error}", file=sys.stderr)
-        finally:
-            sys.argv = saved_argv
+        for suite_argv in QUALITY_SUITES.get(name, [[]]):
+            print(f"[quality] running {module_name} {' '.join(suite_argv)}", flush=True)
+            saved_argv = sys.argv
+            sys.argv = [module_name, *suite_argv]  # for suites whose main() takes no argv and parses sys.argv
+            try:
+                suite_main(list(suite_argv)) if inspect.signature(suite_main).parameters else suite_main()
+            except (Exception, SystemExit) as error:  # one broken suite must not hide the others' results
+                if isinstance(error, SystemExit) and not error.code:
+                    continue
+                failures += 1
+                print(f"[quality] {module_name} failed: {type(error).__name__}: {error}", file=sys.stderr)
+            finally:
+                sys.argv = saved_argv
     return 1 if failures else 0
 
 
