@@ -80,9 +80,6 @@ def main() -> None:
         eval_strategy="no",
         eval_on_start=True,
         save_strategy="no",
-        # Our blocks carry exactly the model's inputs. (peft-ladder 0.1.0: the LST forward override hides the
-        # model's signature, so Trainer's default column filter would drop input_ids; see the report of issue 8.)
-        remove_unused_columns=False,
         report_to="none",
         seed=42,
     )

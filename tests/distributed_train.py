@@ -122,9 +122,6 @@ def train(method: str, args: argparse.Namespace) -> None:
         report_to=[],
         use_cpu=True,
         seed=0,
-        # The LST causal-LM forward override hides the model's signature from the Trainer's column filter, which
-        # would then drop input_ids (peft-ladder 0.1.0; see the issue-8 report). Our rows hold only model inputs.
-        remove_unused_columns=False,
     )
     draws = RecordDraws()
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, callbacks=[draws])
