@@ -32,6 +32,7 @@ def _bench(tmp_path, *extra):
     return json.loads((tmp_path / "bench.json").read_text())
 
 
+@pytest.mark.slow
 def test_every_cpu_method_reports_numbers_with_schema_ratios_estimate_and_chart(tmp_path):
     methods = ",".join(CPU_METHODS + ["lora-chunked"])
     document = _bench(tmp_path, "--methods", methods, "--batch-sizes", "2", "--in-process", "--plot", "--estimate")
@@ -62,6 +63,7 @@ def test_every_cpu_method_reports_numbers_with_schema_ratios_estimate_and_chart(
     assert (tmp_path / "bench.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_cpu_cells_run_in_fresh_subprocesses_and_measure_rss_above_the_model(tmp_path):
     document = _bench(tmp_path, "--methods", "lst", "--batch-sizes", "2", "--estimate")
     for cell in document["cells"]:
