@@ -305,6 +305,7 @@ def speed_line(speed) -> str:
 
 def main(argv=None) -> None:
     global DEVICE, MODEL_DIR, COMPRESSION_STEPS, PREDECESSOR_LRS, PREDECESSOR_STEPS, SPEED_REPEATS
+    global THESEUS_LRS, TRUNCATION_LRS, SEEDS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/theseus_quality"))
     parser.add_argument("--stage", choices=("quality", "speed", "all"), default="all")
@@ -315,6 +316,9 @@ def main(argv=None) -> None:
     parser.add_argument("--predecessor-lrs", type=float, nargs="+", default=PREDECESSOR_LRS)
     parser.add_argument("--predecessor-steps", type=int, default=PREDECESSOR_STEPS)
     parser.add_argument("--compression-steps", type=int, default=COMPRESSION_STEPS)
+    parser.add_argument("--theseus-lrs", type=float, nargs="+", default=THESEUS_LRS)
+    parser.add_argument("--truncation-lrs", type=float, nargs="+", default=TRUNCATION_LRS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
     parser.add_argument("--smoke", action="store_true", help="a few steps on small subsets, to check the pipeline")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -324,6 +328,7 @@ def main(argv=None) -> None:
     DEVICE, MODEL_DIR = torch.device(args.device), args.model_dir
     PREDECESSOR_LRS, PREDECESSOR_STEPS = tuple(args.predecessor_lrs), args.predecessor_steps
     COMPRESSION_STEPS = args.compression_steps
+    THESEUS_LRS, TRUNCATION_LRS, SEEDS = tuple(args.theseus_lrs), tuple(args.truncation_lrs), tuple(args.seeds)
     tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR or assets.minilm_path())
     if args.data_json:
         splits = json.loads(args.data_json.read_text())
