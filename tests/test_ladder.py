@@ -332,3 +332,60 @@ def test_training_outputs_keep_only_last_logits_and_eval_returns_full_logits():
         eval_out = peft_model(**inputs, labels=inputs["input_ids"])
     assert eval_out.logits.shape == (2, 7, 128)
     assert torch.allclose(eval_out.loss, train_out.loss.detach(), atol=1e-5)  # dropout is 0 at step 0 in add mode
+
+
+@pytest.mark.parametrize(
+    ("family", "auto", "task"),
+    [
+        ("bert", transformers.AutoModelForTokenClassification, "TOKEN_CLS"),
+        ("llama", transformers.AutoModelForSequenceClassification, "SEQ_CLS"),
+        ("roberta", transformers.AutoModel, "FEATURE_EXTRACTION"),
+    ],
+)
+def test_other_task_types(family, auto, task):
+    model = tiny_model(family, auto)
+    peft_model = get_peft_model(model, LadderSideConfig(task_type=task, reduction_factor=4))
+    inputs = family_inputs(family)
+    output = peft_model(**inputs)
+    hidden = output.logits if hasattr(output, "logits") else output.last_hidden_state
+    hidden.float().pow(2).mean().backward()
+    side = peft_model.base_model.side_network
+    assert all(p.grad is not None for p in side.parameters())
+
+
+def test_fisher_init_rescores_the_pruning():
+    model = tiny_model("bert", transformers.AutoModelForSequenceClassification)
+    peft_model = get_peft_model(model, LadderSideConfig(task_type="SEQ_CLS", reduction_factor=4, init="fisher"))
+    query = peft_model.base_model.side_network.stacks[0].blocks[0].attention.self.query.weight
+    magnitude = query.detach().clone()
+    batches = [{**family_inputs("bert", seed=seed), "labels": torch.tensor([0, 1])} for seed in range(2)]
+    scores = peft_ladder.fisher_init_(peft_model, batches, num_batches=2)
+    assert scores["bert.encoder.layer.0.attention.self.query.weight"].abs().sum() > 0
+    assert not torch.equal(query, magnitude)  # new choices from Fisher scores
+    assert peft_model.peft_config["default"].init == "fisher"
+    assert not any(p.requires_grad for p in model.bert.parameters())  # backbone frozen again
+    assert all(p.grad is None for p in model.bert.parameters())
+
+
+@pytest.mark.slow
+def test_real_minilm_sequence_classification(minilm_dir, rotten_tomatoes):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    transformers.set_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2)
+    peft_model = get_peft_model(model, LadderSideConfig(task_type="SEQ_CLS"))
+    block = peft_model.base_model.side_network.stacks[0].blocks[0]
+    assert block.attention.self.query.weight.shape == (48, 48)  # 384 / 8, 12 heads of dim 32 / 8 = 4
+    texts, labels = rotten_tomatoes.train
+    batch = tokenizer(texts[:16], padding=True, truncation=True, max_length=32, return_tensors="pt")
+    batch["labels"] = torch.tensor(labels[:16])
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=3e-3)
+    peft_model.train()
+    losses = []
+    for _ in range(4):
+        loss = peft_model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(p.grad is None for p in model.bert.parameters())
