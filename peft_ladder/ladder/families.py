@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +49,10 @@ class SideCallContext:
 
     rotary: nn.Module | None = None
     encoder_states: torch.Tensor | None = None
-    encoder_padding_mask: torch.Tensor | None = None
     rel_embeddings: torch.Tensor | None = None
     num_heads: int = 0
     padding_mask: torch.Tensor | None = None  # (batch, keys) 1 = real token; only the generic block reads it
     layer0_output: tuple | None = None
-    extras: dict = field(default_factory=dict)
 
 
 @functools.cache

@@ -82,6 +82,11 @@ class LadderSideModel(ModuleTuner):
         _check_task_type(model, config.task_type)
         _check_backbone_shape(config, info)
         plans = self._plans or _plan_stacks(model, info)
+        if [id(plan.layers) for plan in plans] != [id(stack.layers) for stack in info.stacks]:
+            raise ValueError(
+                "All Ladder side-tuning adapters on one model must tap the same layer stacks; this adapter's "
+                f"layers_path={config.layers_path!r} names others than the first adapter's. Use the same layers_path."
+            )
         tapped = _tapped_layers(config, info)
         # low_cpu_mem_usage loading builds on the meta device (our flag, or PEFT's init_empty_weights around us)
         build_context = _empty_weights() if self._low_cpu_mem_usage else contextlib.nullcontext()
@@ -211,8 +216,9 @@ def _shape_record(info: BackboneInfo) -> dict:
 
 
 def _check_backbone_shape(config, info: BackboneInfo) -> None:
+    """For an adapter read from a checkpoint: the base model must have the shape it was trained on."""
     recorded = config.backbone_shape
-    if not recorded:
+    if not recorded or not getattr(config, "_ladder_loaded_from_checkpoint", False):
         return
     current = _shape_record(info)
     if (

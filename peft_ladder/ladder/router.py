@@ -25,7 +25,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -118,7 +118,6 @@ class _CallState:
 
     side_encoder_states: torch.Tensor | None = None
     last_hidden: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
 
 
 class LadderRouter:
@@ -188,7 +187,7 @@ class LadderRouter:
             encoder_states=state.side_encoder_states if state is not None else None,
             rel_embeddings=stack.rel_embeddings,
             num_heads=stack.side_heads,
-            padding_mask=_padding_mask(kwargs.get("attention_mask"), capture.stream_input),
+            padding_mask=_padding_mask(kwargs.get("attention_mask")),
             layer0_output=capture.layer0_output,
         )
         cache_slot_base = len(plan.layers)
@@ -257,7 +256,8 @@ def _side_encoder_states(encoder_outputs) -> torch.Tensor | None:
     return None
 
 
-def _padding_mask(attention_mask, stream_input) -> torch.Tensor | None:
+def _padding_mask(attention_mask) -> torch.Tensor | None:
+    """The 2-D (batch, keys) mask the generic block needs; families' own blocks get the backbone's mask as is."""
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         return attention_mask
     return None
