@@ -279,3 +279,19 @@ def test_teacher_sharing_the_student_and_bad_arguments_are_refused(tmp_path):
         arguments(tmp_path, layer_map="every-other")
     with pytest.raises(TypeError, match="DistillationTrainingArguments"):
         DistillationTrainer(model=student, teacher_model=bert_classifier(), args=transformers.TrainingArguments("x"))
+
+
+def test_ladder_side_student_learns_from_teacher_logits(tmp_path):
+    from peft_ladder import LadderSideConfig
+
+    teacher = bert_classifier(layers=4)
+    base = bert_classifier(layers=4, seed=1)
+    student = get_peft_model(base, LadderSideConfig(task_type="SEQ_CLS", reduction_factor=4, init="random"))
+    side_before = [p.detach().clone() for p in student.parameters() if p.requires_grad]
+    backbone_before = base.bert.encoder.layer[0].output.dense.weight.detach().clone()
+    trainer = distiller(tmp_path, student, teacher, hard_label_weight=0.5, logit_weight=1.0, max_steps=2)
+    trainer.train()
+    assert {"loss_hard", "loss_logit"} <= set(train_losses(trainer)[-1])
+    side_after = [p for p in student.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(side_after, side_before))
+    assert torch.equal(base.bert.encoder.layer[0].output.dense.weight, backbone_before)
