@@ -216,12 +216,10 @@ def stage_compression(out, tokenizer, data):
     Runs in that order so that an interrupted benchmark still has a complete seed-0 comparison.
     """
     methods = {
-        f"theseus_{schedule}": lambda lr, seed, schedule=schedule: run_theseus(
-            out, tokenizer, data, schedule, lr, seed, True
-        )
-        for schedule in SCHEDULE_NAMES
+        "theseus_constant": lambda lr, seed: run_theseus(out, tokenizer, data, "constant", lr, seed, True),
+        "truncation": lambda lr, seed: run_truncation(out, tokenizer, data, lr, seed, True),
+        "theseus_linear": lambda lr, seed: run_theseus(out, tokenizer, data, "linear", lr, seed, True),
     }
-    methods["truncation"] = lambda lr, seed: run_truncation(out, tokenizer, data, lr, seed, True)
     grids = {"truncation": TRUNCATION_LRS} | {name: THESEUS_LRS for name in methods if name != "truncation"}
     chosen_lr, runs = {}, {name: [] for name in methods}
     for name, run in methods.items():
