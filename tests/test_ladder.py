@@ -59,10 +59,7 @@ def test_every_family_builds_runs_trains_and_disables(family):
         with peft_model.disable_adapter():
             disabled = peft_model(**inputs).logits
     assert torch.equal(disabled, reference)
-    if task in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):  # "add" mode with a zero up-projection: step 0 is the base model
-        assert torch.equal(adapted, reference)
-    else:  # "replace" mode: the side output feeds the head
-        assert not torch.allclose(adapted, reference)
+    assert torch.equal(adapted, reference)  # default "add" mode, zero up-projection: step 0 is the base model
 
     peft_model.train()
     labels = torch.tensor([0, 1]) if task == "SEQ_CLS" else inputs["input_ids"]
@@ -108,7 +105,7 @@ def test_side_shape_rule():
 def test_pruned_init_follows_one_chain_through_the_network():
     """Hand-computed: the first block's Q/K/V take the embedding's top columns and share one row choice."""
     model = tiny_model("bert", transformers.AutoModel)
-    peft_model = get_peft_model(model, LadderSideConfig(reduction_factor=4, side_layers=[0]))
+    peft_model = get_peft_model(model, LadderSideConfig(reduction_factor=4, side_layers=[0], output_mode="replace"))
     stack = peft_model.base_model.side_network.stacks[0]
     embedding = model.get_input_embeddings().weight.detach()
     columns = torch.topk(embedding.abs().sum(0), 16).indices.sort().values
@@ -182,7 +179,8 @@ def test_plain_peft_model_without_task_type_routes_through_the_side_network():
     model = tiny_model("bert", transformers.AutoModel)
     inputs = family_inputs("bert")
     reference = model(**inputs).last_hidden_state
-    peft_model = get_peft_model(model, LadderSideConfig(reduction_factor=4))  # PeftModel: calls the base directly
+    config = LadderSideConfig(reduction_factor=4, output_mode="replace")
+    peft_model = get_peft_model(model, config)  # no task type: a plain PeftModel, which calls the base directly
     assert type(peft_model).__name__ == "PeftModel"
     assert not torch.allclose(peft_model(**inputs).last_hidden_state, reference)
     # the user's own reference to the base model routes too (the body's forward is what changes)
