@@ -193,7 +193,7 @@ def run_deploy(args) -> dict:
                 seed=seed,
                 scheme=name,
                 successor=args.successor_dir or args.successor,
-                layers=args.layers,
+                layers=len(peft_ladder.inspect_backbone(model).stacks[0].layers),
                 seconds_per_test_pass=seconds[name],
                 speedup_vs_fp32=seconds["fp32"] / seconds[name],
                 model_bytes=sum(peft_ladder.model_size_by_dtype(variant).values()),
