@@ -1,4 +1,4 @@
-"""Quantization benchmark on CPU: MiniLM-L6 on Rotten Tomatoes (the figures in docs/benchmarks/quantization.md).
+"""Quantization benchmark on CPU: MiniLM-L6 on Rotten Tomatoes (the figures in BENCHMARKS.md).
 
 Two experiments, each run with the same data and seeds for every variant, so that the comparisons are paired:
 

@@ -48,7 +48,7 @@ class LadderSideConfig(PeftConfig):
             before the frozen final norm, through a zero-initialised up-projection, so training starts exactly at the
             base model's outputs. `None` (default) picks `"add"` for every task type. For `CAUSAL_LM` and
             `SEQ_2_SEQ_LM` this keeps the pretrained LM intact at step 0. For classification we chose it from our
-            quality benchmark (all-MiniLM-L6-v2 on Rotten Tomatoes, `docs/benchmarks/lst.md`): at the same rate
+            quality benchmark (all-MiniLM-L6-v2 on Rotten Tomatoes, `BENCHMARKS.md`): at the same rate
             `"add"` reached 75.7% validation / 78.0% test against `"replace"`'s 75.5% / 76.6% (one seed, within
             noise), and it starts the new head as a probe of the frozen model's own features instead of a projection
             of an untrained side stream. Choose `"replace"` to follow the paper.
