@@ -59,20 +59,13 @@ METHODS = {
 
 
 def training_settings(out: pathlib.Path, lr: float, seed: int, steps: int) -> dict:
-    return dict(
-        output_dir=str(out),
-        max_steps=steps,
-        per_device_train_batch_size=BATCH_SIZE,
-        learning_rate=lr,
+    return textcls.training_settings(
+        out,
+        steps,
+        lr,
         seed=seed,
-        data_seed=seed,
-        lr_scheduler_type="linear",
-        report_to=[],
-        save_strategy="no",
-        logging_steps=max(1, steps // 5),
-        disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
+        batch_size=BATCH_SIZE,
+        show_progress=False,
         train_sampling_strategy="group_by_length",
     )
 

@@ -72,6 +72,39 @@ def tokenize_splits(
     )
 
 
+def training_settings(
+    output_dir: str | Path,
+    max_steps: int,
+    learning_rate: float,
+    *,
+    seed: int = 0,
+    batch_size: int = 32,
+    show_progress: bool = True,
+    **training_args,
+) -> dict:
+    """Keyword arguments of the ``TrainingArguments`` every quality suite uses (linear decay, no warm-up, no saving).
+
+    Extra keyword arguments override or extend them. Shared so that each suite's runs are trained the same way.
+    """
+    settings = dict(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        data_seed=seed,
+        lr_scheduler_type="linear",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=max(1, max_steps // 5),
+        disable_tqdm=not show_progress,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    settings.update(training_args)
+    return settings
+
+
 def train(
     model,
     train_dataset: Features,
@@ -92,22 +125,15 @@ def train(
     own initialisation (e.g. a new classification head) with ``transformers.set_seed`` before building it. Extra
     keyword arguments go to :class:`transformers.TrainingArguments` (e.g. ``use_cpu=False`` on a GPU machine).
     """
-    settings = dict(
-        output_dir=str(output_dir),
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate,
+    settings = training_settings(
+        output_dir,
+        max_steps,
+        learning_rate,
         seed=seed,
-        data_seed=seed,
-        lr_scheduler_type="linear",
-        report_to=[],
-        save_strategy="no",
-        logging_steps=max(1, max_steps // 5),
-        disable_tqdm=not show_progress,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        **training_args,
     )
-    settings.update(training_args)
     trainer = Trainer(
         model=model,
         args=TrainingArguments(**settings),
