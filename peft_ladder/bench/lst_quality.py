@@ -5,6 +5,9 @@ Protocol (declared before any run):
 * data: the fixed ``peft_ladder.assets.rotten_tomatoes()`` split; the first ``TRAIN_EXAMPLES`` training sentences,
   the 1,000 validation and 1,000 test sentences; max length 64, batch 32, ``STEPS`` optimizer steps for every method
   (the same step budget), AdamW, linear decay, no warm-up;
+* budgets: the CPU protocol is 100 steps on 3,200 sentences (one pass; what a shared 2-core CPU allows); the GPU
+  protocol (``--steps 600 --train-examples 6530``) is about three passes over the whole training split, the budget
+  at which a freshly initialised side network has converged. Same grids and seeds for both;
 * each method's learning rate is chosen on validation accuracy with seed 0 from its grid below (LST wants about 10x
   LoRA's rate); the chosen rate is then run with seeds 0, 1, 2 and we report test accuracy mean ± std and a 95%
   bootstrap interval over the seeds;
@@ -29,7 +32,14 @@ import torch
 import transformers
 
 from peft_ladder import LadderSideConfig, assets
-from peft_ladder.bench.textcls import bootstrap_ci, evaluate, format_mean_std, tokenize_splits, train
+from peft_ladder.bench.textcls import (
+    bootstrap_ci,
+    evaluate,
+    format_mean_std,
+    splits_from_json,
+    tokenize_splits,
+    train,
+)
 
 GRIDS = {
     "lst": (1e-3, 3e-3, 1e-2),
@@ -42,9 +52,13 @@ TRAIN_EXAMPLES = 3200  # STEPS x batch 32: one pass, no sentence seen twice
 MAX_LENGTH = 64
 
 
+MODEL_DIR = None  # --model-dir: a copy of all-MiniLM-L6-v2 where the asset package is not installed
+
+
 def build(method: str, seed: int, init: str = "pruned", output_mode: str = "replace"):
     transformers.set_seed(seed)  # the new classification head and any random side weights
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(assets.minilm_path(), num_labels=2)
+    path = MODEL_DIR or assets.minilm_path()
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=torch.float32)
     if method == "full":
         return model
     if method == "lora":
@@ -74,6 +88,7 @@ def run(method: str, lr: float, seed: int, data, out: pathlib.Path, **variant) -
     )
     seconds = time.perf_counter() - start
     result = {"method": method, "lr": lr, "seed": seed, **variant, "trainable": trainable, "train_seconds": seconds}
+    result.update(steps=STEPS, train_examples=len(data.train), device=str(next(model.parameters()).device))
     result.update(evaluate(model, data))
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result), flush=True)
@@ -86,19 +101,26 @@ def choose_lr(method: str, data, out: pathlib.Path, **variant) -> float:
 
 
 def main() -> None:
+    global STEPS, MODEL_DIR
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/lst_quality")
     parser.add_argument("--report", action="store_true", help="print the table from cached results and exit")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per run (every method)")
+    parser.add_argument("--train-examples", type=int, default=TRAIN_EXAMPLES, help="training sentences used")
+    parser.add_argument("--model-dir", type=pathlib.Path, help="a copy of all-MiniLM-L6-v2 (default: installed)")
+    parser.add_argument("--data-json", type=pathlib.Path, help="splits from textcls.write_splits_json")
     args = parser.parse_args()
+    STEPS, MODEL_DIR = args.steps, args.model_dir
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.report:
         print(report(out))
         return
     torch.set_num_threads(args.threads)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(assets.minilm_path())
-    data = tokenize_splits(assets.rotten_tomatoes(), tokenizer, max_length=MAX_LENGTH, train_examples=TRAIN_EXAMPLES)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR or assets.minilm_path())
+    splits = splits_from_json(args.data_json) if args.data_json else assets.rotten_tomatoes()
+    data = tokenize_splits(splits, tokenizer, max_length=MAX_LENGTH, train_examples=args.train_examples)
     # Runs in order of information per CPU-minute, so a cut-off run still yields a comparison: one rate per method
     # first, then the ablations at LST's best rate so far, then the rest of the grids, then the extra seeds.
     first = {"lst": (1e-3, 3e-3), "lora": (1e-3,), "full": (1e-4,)}

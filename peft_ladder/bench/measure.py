@@ -41,6 +41,7 @@ class CellSettings:
     warmup: int = 1
     seed: int = 0
     learning_rate: float = 1e-4
+    inference_steps: int = 3  # timed no-grad forwards after training, with the adapter and without it
 
 
 @dataclass
@@ -57,6 +58,10 @@ class CellResult:
     trainable_params: int | None = None
     total_params: int | None = None
     final_loss: float | None = None
+    # Inference overhead: median eval-mode, no-grad forward with the method's adapter, and with it disabled (the
+    # base model, same process and inputs). None for methods that are the base model (full fine-tuning).
+    inference_time_s: float | None = None
+    base_inference_time_s: float | None = None
 
 
 def _rss_peak_bytes() -> int:
@@ -143,6 +148,8 @@ def run_cell(settings: CellSettings) -> CellResult:
         else:
             result.peak_memory_bytes = max(0, _rss_peak_bytes() - result.model_memory_bytes)
         result.step_time_s = statistics.median(result.step_times_s)
+        if settings.inference_steps:
+            result.inference_time_s, result.base_inference_time_s = _inference_times(model, batch, settings)
     except (MethodUnavailable, NotImplementedError) as error:  # a feature this build does not have (yet)
         result.status, result.reason = "skipped", f"{type(error).__name__}: {error}".splitlines()[0][:500]
     except torch.OutOfMemoryError as error:
@@ -157,6 +164,29 @@ def run_cell(settings: CellSettings) -> CellResult:
         if on_cuda:
             torch.cuda.empty_cache()
     return result
+
+
+def _median_forward_time(model, input_ids, settings: CellSettings) -> float:
+    times = []
+    for _ in range(settings.inference_steps + 1):  # the first forward is a warm-up
+        _synchronize(settings.device)
+        start = time.perf_counter()
+        model(input_ids=input_ids)
+        _synchronize(settings.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+@torch.no_grad()
+def _inference_times(model, batch, settings: CellSettings) -> tuple[float, float | None]:
+    """(with adapter, adapter disabled) median forward times; the second is None when there is no adapter."""
+    model.eval()
+    with_adapter = _median_forward_time(model, batch["input_ids"], settings)
+    base = None
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            base = _median_forward_time(model, batch["input_ids"], settings)
+    return with_adapter, base
 
 
 RESULT_MARKER = "PEFT_LADDER_CELL_RESULT "

@@ -61,6 +61,12 @@ def _compile_field() -> str:
     return names[0]
 
 
+def _lst_dropped(model, spec: ModelSpec):
+    # Layer dropping: ladders and side blocks on every other backbone layer only (half the side network).
+    num_layers = peft_ladder.inspect_backbone(model).num_layers
+    return get_peft_model(model, _lst_config(spec, side_layers=list(range(1, num_layers, 2))))
+
+
 def _lst_compiled(model, spec: ModelSpec):
     return get_peft_model(model, _lst_config(spec, **{_compile_field(): True}))
 
@@ -125,6 +131,7 @@ METHODS = {
         Method("lora-chunked", "LoRA with the LM loss computed in checkpointed chunks", _lora, chunked_loss=True),
         Method("lora-gc", "LoRA with gradient checkpointing of every layer", _lora_checkpointed),
         Method("lst-compile", "LST with torch.compile of the side network", _lst_compiled),
+        Method("lst-drop", "LST with a side block on every other backbone layer (layer dropping)", _lst_dropped),
     )
 }
 DEFAULT_METHODS = ("lst", "lora", "full")

@@ -79,9 +79,16 @@ def _params(cell: dict) -> str:
     return f"{cell['trainable_params'] / 1e6:.2f}M ({share:.2f}%)"
 
 
+def _inference_overhead(cell: dict) -> str:
+    """Eval forward time with the adapter over the same forward with it disabled."""
+    with_adapter, base = cell.get("inference_time_s"), cell.get("base_inference_time_s")
+    return _ratio(with_adapter / base) if with_adapter and base else "-"
+
+
 def table(cells: list[dict], baseline: str) -> str:
     """A fixed-width table; skipped and failed cells show their reason."""
     headers = ["method", "batch", "peak memory", f"vs {baseline}", "step time", f"vs {baseline}", "trainable"]
+    headers.append("inference vs base")
     with_estimate = any(cell.get("estimate") for cell in cells)
     if with_estimate:
         headers += ["estimate", "est. error"]
@@ -98,6 +105,7 @@ def table(cells: list[dict], baseline: str) -> str:
                 "-" if cell.get("step_time_s") is None else f"{1000 * cell['step_time_s']:.1f} ms",
                 _ratio(cell.get("time_vs_baseline")),
                 _params(cell),
+                _inference_overhead(cell),
             ]
         if with_estimate and cell["status"] == "ok":
             estimate = cell.get("estimate") or {}

@@ -13,6 +13,7 @@ Everything is plain lists of feature dicts (no ``datasets`` dependency); batches
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import statistics
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+from peft_ladder import assets
 
 Features = list[dict[str, list[int] | int]]
 
@@ -34,6 +37,17 @@ class TokenizedSplits:
     validation: Features
     test: Features
     collator: DataCollatorWithPadding
+
+
+def splits_from_json(path) -> assets.TextClassificationSplits:
+    """Splits written by ``write_splits_json``: the same data on a machine without the asset packages (a GPU box)."""
+    splits = json.loads(Path(path).read_text())
+    return assets.TextClassificationSplits(**{name: tuple(split) for name, split in splits.items()})
+
+
+def write_splits_json(splits: assets.TextClassificationSplits, path) -> None:
+    payload = {name: list(getattr(splits, name)) for name in ("train", "validation", "test")}
+    Path(path).write_text(json.dumps(payload))
 
 
 def tokenize(texts: Sequence[str], labels: Sequence[int], tokenizer, max_length: int = 64) -> Features:

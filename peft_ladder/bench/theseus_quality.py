@@ -31,6 +31,7 @@ import transformers
 
 import peft_ladder
 from peft_ladder import TheseusConfig, assets
+from peft_ladder.bench.textcls import splits_from_json
 
 # The grids, declared before any run. The predecessor gets no grid on the shared CPU: 1e-4 is the rate of the
 # calibration run in shared/ASSETS.md (pass more rates with --predecessor-lrs where compute allows).
@@ -328,11 +329,7 @@ def main(argv=None) -> None:
     COMPRESSION_STEPS = args.compression_steps
     THESEUS_LRS, TRUNCATION_LRS, SEEDS = tuple(args.theseus_lrs), tuple(args.truncation_lrs), tuple(args.seeds)
     tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR or assets.minilm_path())
-    if args.data_json:
-        splits = json.loads(args.data_json.read_text())
-        data = assets.TextClassificationSplits(**{name: tuple(split) for name, split in splits.items()})
-    else:
-        data = assets.rotten_tomatoes()
+    data = splits_from_json(args.data_json) if args.data_json else assets.rotten_tomatoes()
     if args.smoke:
         COMPRESSION_STEPS, PREDECESSOR_STEPS, SPEED_REPEATS = 4, 4, 2
         data = type(data)(*((texts[:128], labels[:128]) for texts, labels in (data.train, data.validation, data.test)))
