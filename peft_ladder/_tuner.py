@@ -101,6 +101,7 @@ class ModuleTuner(BaseTuner):
     ) -> None:
         config = self.peft_config[adapter_name]
         # Build first: every validation error is raised here, before the model or the tuner changes.
+        _check_heads_trainable(model, config.modules_to_save or [])
         module = self._build_adapter_module(model, config, adapter_name)
         is_first_adapter = len(self.adapter_modules) == 0
         if autocast_adapter_dtype and self.upcast_adapter_weights:
@@ -170,6 +171,27 @@ class ModuleTuner(BaseTuner):
         if own in key:
             return key.replace(own, f".{cls.adapter_attribute}.", 1)
         return super()._remove_adapter_name_from_key(key, adapter_name)
+
+
+def _check_heads_trainable(model: nn.Module, modules_to_save: list[str]) -> None:
+    """A ``modules_to_save`` head must hold float weights: PEFT trains a copy of it.
+
+    A model loaded with ``BitsAndBytesConfig(load_in_4bit=True)`` has its classification head quantized too (only
+    ``lm_head`` is skipped by default), and PEFT's copy then fails deep inside bitsandbytes with "only Tensors of
+    floating point dtype can require gradients".
+    """
+    for name, module in model.named_modules():
+        if not any(name == key or name.endswith("." + key) for key in modules_to_save):
+            continue
+        quantized = [p_name for p_name, param in module.named_parameters() if not param.dtype.is_floating_point]
+        if quantized:
+            short_name = name.rsplit(".", 1)[-1]
+            raise ValueError(
+                f"Module {name!r} is in modules_to_save (it is trained) but its weights are quantized "
+                f"({quantized[0]} is {module.get_parameter(quantized[0]).dtype}). Keep trained heads in full "
+                f"precision: load with BitsAndBytesConfig(..., llm_int8_skip_modules=[{short_name!r}]), or pass "
+                f"skip_modules=[{short_name!r}] to peft_ladder.quantize. The model is unchanged."
+            )
 
 
 def _upcast_half_floats(module: nn.Module) -> None:

@@ -340,7 +340,10 @@ def test_cuda_schemes(scheme):
 
 @requires_cuda
 def test_cuda_int4_needs_bf16_then_runs():
-    model = tiny_model("llama", transformers.AutoModelForCausalLM, hidden_size=128, intermediate_size=256).cuda()
+    # torchao's int4 groups 128 input features: every linear's in_features (hidden 128, heads 4 x 32) is a multiple.
+    model = tiny_model(
+        "llama", transformers.AutoModelForCausalLM, hidden_size=128, head_dim=32, intermediate_size=256
+    ).cuda()
     with pytest.raises(QuantizationError, match="bf16"):
         quantize(model, "int4")
     model = quantize(model.bfloat16(), "int4")

@@ -157,11 +157,30 @@ def test_backbone_loaded_with_torchao_config(tmp_path):
     assert losses[-1] < losses[0]
 
 
+def test_quantized_trained_head_is_refused_before_any_change():
+    # What BitsAndBytesConfig(load_in_4bit=True) does to a classification head, without needing CUDA: an integer
+    # weight that PEFT's modules_to_save copy could never train.
+    model = base_model()
+    model.classifier.weight = nn.Parameter(model.classifier.weight.to(torch.int8), requires_grad=False)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'classifier'.*llm_int8_skip_modules=\['classifier'\]"):
+        lst(model)
+    assert not any("ladder_side" in name or "modules_to_save" in name for name, _ in model.named_modules())
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 @requires_cuda
 def test_backbone_loaded_with_bitsandbytes_4bit(tmp_path):
     pytest.importorskip("bitsandbytes")
     base_model().save_pretrained(tmp_path)
     config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path, quantization_config=config)
+    with pytest.raises(ValueError, match="llm_int8_skip_modules"):  # the new head was quantized too
+        lst(model)
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=["classifier"]
+    )
     model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path, quantization_config=config)
     peft_model = lst(model)
     data = {key: value.cuda() for key, value in batch().items()}
