@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The Llama-3.2-3B-shaped GPU comparison in one command: bf16, sequence 768, AdamW, random weights, batches 16 and 4.
 #
-# Cells run in priority order (LoRA b16, LST b16, LoRA b4, LST b4, then LoRA + chunked loss, LoRA + gradient
-# checkpointing, LST + torch.compile, full fine-tuning, quantized variants) and bench.json is rewritten after each
-# one, so a run cut short keeps every finished figure. Each cell also carries the --estimate prediction. A few minutes
-# on an H100/H200.
+# Cells run in priority order (LoRA and LST at b16 and b4, LST on nf4 and QLoRA, LoRA + chunked loss, LoRA + gradient
+# checkpointing, layer-dropped LST, LST + torch.compile, full fine-tuning, LST on int8; the list is SUITES in cli.py)
+# and bench.json is rewritten after each one, so a run cut short keeps every finished figure. Each cell also carries
+# the --estimate prediction and the inference time with and without the adapter. About 2.5 minutes on an H200.
 #
 #   bash peft_ladder/bench/gpu_llama3b.sh [OUTPUT_DIR] [extra peft-ladder bench flags]
 #   bash peft_ladder/bench/gpu_llama3b.sh /tmp/dry --model tiny-llama --device cpu --steps 1   # CPU dry run
