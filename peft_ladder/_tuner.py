@@ -189,8 +189,8 @@ def _check_heads_trainable(model: nn.Module, modules_to_save: list[str]) -> None
             raise ValueError(
                 f"Module {name!r} is in modules_to_save (it is trained) but its weights are quantized "
                 f"({quantized[0]} is {module.get_parameter(quantized[0]).dtype}). Keep trained heads in full "
-                f"precision: load with BitsAndBytesConfig(..., llm_int8_skip_modules=[{short_name!r}]), or pass "
-                f"skip_modules=[{short_name!r}] to peft_ladder.quantize. The model is unchanged."
+                f"precision: load with BitsAndBytesConfig(..., llm_int8_skip_modules=[{short_name!r}]) "
+                "(peft_ladder.quantize never converts heads). The model is unchanged."
             )
 
 
