@@ -64,7 +64,9 @@ def test_every_family_builds_runs_trains_and_disables(family):
     peft_model.train()
     labels = torch.tensor([0, 1]) if task == "SEQ_CLS" else inputs["input_ids"]
     train_inputs = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
-    peft_model(**train_inputs, labels=labels).loss.backward()
+    train_output = peft_model(**train_inputs, labels=labels)
+    train_output.loss.backward()
+    assert getattr(train_output, "past_key_values", None) is None  # training keeps no KV cache alive
     trainable = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("ladder_side_modules" in n or "modules_to_save" in n for n in trainable)
     assert all(p.grad is not None for p in trainable.values())

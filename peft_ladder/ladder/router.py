@@ -131,6 +131,7 @@ class LadderRouter:
         self._state: contextvars.ContextVar[_CallState | None] = contextvars.ContextVar("ladder_state", default=None)
         self._bypass = 0
         self._patched: list[nn.Module] = []
+        self._takes_use_cache = "use_cache" in inspect.signature(type(model).forward).parameters
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -223,16 +224,17 @@ class LadderRouter:
         state = _CallState(side_encoder_states=_side_encoder_states(kwargs.get("encoder_outputs")))
         token = self._state.set(state)
         try:
-            labels = kwargs.get("labels")
-            if not (self.chunked_loss and labels is not None and self.model.training and torch.is_grad_enabled()):
-                return original(*args, **kwargs)
-            # Training a causal LM: the model computes only the last position's logits, we compute the loss.
-            kwargs.pop("labels")
-            if kwargs.get("past_key_values") is None:
+            training = self.model.training and torch.is_grad_enabled()
+            if training and self._takes_use_cache and kwargs.get("past_key_values") is None:
                 # A KV cache is useless in training and, unlike LoRA's keys and values (saved for backward anyway),
                 # the frozen backbone's would otherwise be freed layer by layer: at Llama-3.2-3B, batch 16, length
                 # 768, the cache alone holds 1.4 GB. A caller who asks for one explicitly still gets it.
                 kwargs.setdefault("use_cache", False)
+            labels = kwargs.get("labels")
+            if not (self.chunked_loss and labels is not None and training):
+                return original(*args, **kwargs)
+            # Training a causal LM: the model computes only the last position's logits, we compute the loss.
+            kwargs.pop("labels")
             num_items = kwargs.pop("num_items_in_batch", None)
             kwargs["logits_to_keep"] = 1
             output = original(*args, **kwargs)
