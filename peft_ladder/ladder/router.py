@@ -16,7 +16,8 @@ Because the body's own ``forward`` is what changes, every caller takes this path
 
 For seq2seq models and causal-LM training the top-level model's ``forward`` is wrapped too: it carries the side
 encoder's output from the encoder call to the decoder calls (also across ``generate()`` steps, inside
-``encoder_outputs``), and in training computes the causal-LM loss in chunks (:mod:`peft_ladder.ladder.loss`).
+``encoder_outputs``), and in training computes the causal-LM loss in chunks (:mod:`peft_ladder.ladder.loss`) and
+turns the KV cache off, which would otherwise keep the frozen backbone's keys and values alive through the step.
 """
 
 from __future__ import annotations
