@@ -72,7 +72,7 @@ def test_side_blocks_see_one_new_token_per_decode_step():
     seen = []
     block = peft_model.base_model.side_network.stacks[0].blocks[0]
     handle = block.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append(kwargs["hidden_states"].shape[1]), with_kwargs=True
+        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True
     )
     with torch.no_grad():
         peft_model.generate(input_ids=PROMPT, max_new_tokens=5, do_sample=False)

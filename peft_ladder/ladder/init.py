@@ -282,7 +282,6 @@ def fisher_init_(peft_model, dataloader: Iterable, num_batches: int = 8, objecti
     name = tuner.active_adapter
     config = tuner.peft_config[name]
     model = tuner.model
-    side = tuner.adapter_modules[name]
     params = dict(model.named_parameters())
     saved_flags = {key: p.requires_grad for key, p in params.items()}
     importance = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params.values()}
@@ -291,7 +290,7 @@ def fisher_init_(peft_model, dataloader: Iterable, num_batches: int = 8, objecti
     try:
         for p in params.values():
             p.requires_grad_(True)
-        with tuner._router.bypassed(), torch.enable_grad():
+        with tuner.backbone_only(), torch.enable_grad():
             for batch in iter_batches(dataloader, num_batches):
                 batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
                 use_task = objective == "task" or (
@@ -317,6 +316,6 @@ def fisher_init_(peft_model, dataloader: Iterable, num_batches: int = 8, objecti
         for key, p in params.items():
             p.requires_grad_(saved_flags[key])
         model.train(was_training)
-    pruned_init_(side, tuner._plans, tuner._block_steps, model, importance=importance)
+    tuner.reinitialize_side_network(name, importance=importance)
     config.init = "fisher"
     return {key: importance[id(p)] for key, p in params.items()}

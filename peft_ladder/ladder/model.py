@@ -16,8 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
-import warnings
 
 import torch
 from peft.utils import TaskType
@@ -25,12 +23,11 @@ from torch import nn
 from transformers.models.auto import modeling_auto
 
 from .._tuner import ModuleTuner
-from ..backbone import BackboneInfo, UnsupportedModelError, get_submodule_or_raise, inspect_backbone
-from .families import GenericPreNormBlock, build_side_block, generic_heads
+from ..backbone import BackboneInfo, inspect_backbone
 from .init import pruned_init_, trace_block_steps
-from .router import LadderRouter, StackPlan, supports_chunked_loss
-from .shapes import reduced_config, side_shape
-from .side_network import LadderSideNetwork, SideStack
+from .router import LadderRouter, supports_chunked_loss
+from .side_builder import StackPlan, build_side_network, plan_stacks
+from .side_network import LadderSideNetwork
 
 # Which model classes can serve which task type (class names from transformers' auto mappings).
 _TASK_CLASSES = {
@@ -81,7 +78,7 @@ class LadderSideModel(ModuleTuner):
         info = inspect_backbone(model, config.layers_path)
         _check_task_type(model, config.task_type)
         _check_backbone_shape(config, info)
-        plans = self._plans or _plan_stacks(model, info)
+        plans = self._plans or plan_stacks(model, info)
         if [id(plan.layers) for plan in plans] != [id(stack.layers) for stack in info.stacks]:
             raise ValueError(
                 "All Ladder side-tuning adapters on one model must tap the same layer stacks; this adapter's "
@@ -91,7 +88,7 @@ class LadderSideModel(ModuleTuner):
         # low_cpu_mem_usage loading builds on the meta device (our flag, or PEFT's init_empty_weights around us)
         build_context = _empty_weights() if self._low_cpu_mem_usage else contextlib.nullcontext()
         with build_context:
-            network = self._build_network(model, config, info, plans, tapped)
+            network = build_side_network(model, config, info, plans, tapped)
         empty = any(p.is_meta for p in network.parameters())
         reference = model.get_input_embeddings().weight
         if not empty:
@@ -110,42 +107,30 @@ class LadderSideModel(ModuleTuner):
         self._plans = plans
         return network
 
-    def _build_network(self, model, config, info: BackboneInfo, plans: list[StackPlan], tapped) -> LadderSideNetwork:
-        output_mode = config.resolved_output_mode()
-        stacks, rotaries = [], []
-        for plan, layer_indices in zip(plans, tapped):
-            base_config = getattr(plan.body, "config", model.config)
-            rotary_module = _find_rotary(plan.body)
-            shape = side_shape(info, base_config, config.reduction_factor, uses_rotary=rotary_module is not None)
-            side_config = reduced_config(base_config, info, shape)
-            depth = len(plan.layers)
-            if isinstance(getattr(side_config, "layer_types", None), list):  # slots L + k follow layer i's type
-                side_config.layer_types = list(side_config.layer_types) + [
-                    side_config.layer_types[i] for i in layer_indices
-                ]
-            blocks, generic = _build_blocks(plan, side_config, shape, layer_indices, depth, config.side_block)
-            rel = None
-            if plan.rel_embeddings_owner is not None:
-                table = plan.rel_embeddings_owner.get_rel_embedding()
-                rel = torch.randn(table.shape[0], shape.hidden_size) * 0.02
-            stack = SideStack(
-                backbone_width=info.hidden_size,
-                side_width=shape.hidden_size,
-                tapped_layers=layer_indices,
-                blocks=blocks,
-                final_norm=_side_final_norm(plan.final_norm, shape.hidden_size, base_config),
-                output_mode=output_mode,
-                dropout=config.side_dropout,
-                gate_init=config.gate_init,
-                gate_temperature=config.gate_temperature,
-                rel_embeddings=rel,
-                side_heads=shape.num_heads,
-                generic_blocks=generic,
-                feeds_head=not (info.is_encoder_decoder and not plan.is_decoder_stack),
+    # ------------------------------------------------------------------ re-initialisation
+    @torch.no_grad()
+    def reinitialize_side_network(self, adapter_name: str | None = None, importance: dict | None = None) -> None:
+        """Prune the backbone into adapter ``adapter_name``'s side network again (default: the active adapter).
+
+        Overwrites the side blocks, ladders, stream input and side final norm in place, as at creation
+        (:mod:`peft_ladder.ladder.init`). ``importance`` maps each backbone parameter to a score tensor of its
+        shape (``{id(parameter): scores}``, e.g. squared gradients); ``None`` scores by weight magnitude.
+        """
+        name = adapter_name or self.active_adapter
+        if name not in self.adapter_modules:
+            raise ValueError(f"No Ladder side-tuning adapter named {name!r}; adapters: {list(self.adapter_modules)}.")
+        if self._block_steps is None:
+            self._block_steps = self._trace(
+                self.model, inspect_backbone(self.model, self.peft_config[name].layers_path), self._plans
             )
-            stacks.append(stack)
-            rotaries.append(type(rotary_module)(config=side_config) if rotary_module is not None else None)
-        return LadderSideNetwork(stacks, rotaries)
+        pruned_init_(self.adapter_modules[name], self._plans, self._block_steps, self.model, importance=importance)
+
+    @contextlib.contextmanager
+    def backbone_only(self):
+        """Run the plain backbone inside this context, as if no adapter were attached (gradients flow as usual)."""
+        router = self._router.bypassed() if self._router is not None else contextlib.nullcontext()
+        with router:
+            yield
 
     def _trace(self, model, info: BackboneInfo, plans: list[StackPlan]):
         """Forward order of the backbone's block modules, for the pruning chain (one tiny forward, no grad)."""
@@ -155,8 +140,7 @@ class LadderSideModel(ModuleTuner):
         probe = {"input_ids": ids}
         if info.is_encoder_decoder:
             probe["decoder_input_ids"] = ids[:, :4]
-        router = self._router.bypassed() if self._router is not None else contextlib.nullcontext()
-        with router:
+        with self.backbone_only():
             return trace_block_steps(model, [plan.layers for plan in plans], probe)
 
     def _attach(self, model: nn.Module, adapter_name: str) -> None:
@@ -248,92 +232,6 @@ def _tapped_layers(config, info: BackboneInfo) -> list[list[int]]:
             )
         per_stack.append(list(config.side_layers))
     return per_stack
-
-
-def _plan_stacks(model: nn.Module, info: BackboneInfo) -> list[StackPlan]:
-    embeddings = info.input_embeddings
-    plans = []
-    for index, stack in enumerate(info.stacks):
-        parent_path = stack.path.rpartition(".")[0]
-        parent = model.get_submodule(parent_path) if parent_path else model
-        # Encoder-decoder stacks are run by their own module (T5Stack, BartEncoder/BartDecoder); other families by
-        # the nearest ancestor that also embeds the tokens (BertModel around BertEncoder, LlamaModel).
-        body = parent if info.is_encoder_decoder else _body_of(model, stack.path, embeddings)
-        final_norm = (
-            get_submodule_or_raise(model, stack.final_norm_path, "final norm") if stack.final_norm_path else None
-        )
-        pooler = getattr(body, "pooler", None)
-        plans.append(
-            StackPlan(
-                index=index,
-                body=body,
-                layers=stack.layers,
-                final_norm=final_norm,
-                pooler=pooler if isinstance(pooler, nn.Module) else None,
-                is_decoder_stack=stack.is_decoder_stack,
-                rel_embeddings_owner=parent
-                if hasattr(parent, "get_rel_embedding") and parent.get_rel_embedding() is not None
-                else None,
-            )
-        )
-    return plans
-
-
-def _body_of(model: nn.Module, stack_path: str, embeddings: nn.Module) -> nn.Module:
-    """The nearest ancestor of the stack that also holds the input embeddings: its forward runs the whole stack."""
-    path = stack_path
-    while path:
-        path = path.rpartition(".")[0]
-        candidate = model.get_submodule(path) if path else model
-        if any(module is embeddings for module in candidate.modules()):
-            return candidate
-    raise UnsupportedModelError(f"No module of {type(model).__name__} holds both '{stack_path}' and the embeddings.")
-
-
-def _find_rotary(body: nn.Module) -> nn.Module | None:
-    return next((m for m in body.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
-
-
-def _build_blocks(plan: StackPlan, side_config, shape, layer_indices, depth: int, side_block: str):
-    if side_block == "backbone":
-        try:
-            return [
-                build_side_block(plan.block_class, side_config, depth + k) for k in range(len(layer_indices))
-            ], False
-        except Exception as error:  # an unknown family whose block cannot be built at side width
-            warnings.warn(
-                f"Could not build {plan.block_class.__name__} at side width ({type(error).__name__}: {error}); "
-                "using the generic pre-norm side block instead.",
-                stacklevel=4,
-            )
-    causal = _is_causal(plan)
-    heads = generic_heads(shape.hidden_size, shape.num_heads)
-    blocks = [
-        GenericPreNormBlock(shape.hidden_size, heads, shape.intermediate_size, causal, layer_idx=depth + k)
-        for k in range(len(layer_indices))
-    ]
-    return blocks, True
-
-
-def _is_causal(plan: StackPlan) -> bool:
-    """Decoders mask the future: read it from the family's attention module."""
-    for module in plan.layers[0].modules():
-        if hasattr(module, "is_causal"):
-            return bool(module.is_causal)
-    return plan.is_decoder_stack
-
-
-def _side_final_norm(backbone_norm: nn.Module | None, width: int, config) -> nn.Module:
-    """The backbone final norm's class at side width; a LayerNorm for post-norm families that have none."""
-    if backbone_norm is None:
-        return nn.LayerNorm(width, eps=getattr(config, "layer_norm_eps", 1e-12) or 1e-12)
-    if isinstance(backbone_norm, nn.LayerNorm):
-        return nn.LayerNorm(width, eps=backbone_norm.eps, elementwise_affine=backbone_norm.elementwise_affine)
-    norm = copy.deepcopy(backbone_norm)
-    for name, param in list(norm.named_parameters(recurse=False)):
-        if param.dim() == 1:
-            setattr(norm, name, nn.Parameter(param.detach()[:width].clone().float()))
-    return norm
 
 
 @contextlib.contextmanager

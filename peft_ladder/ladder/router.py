@@ -1,23 +1,42 @@
-"""Routing the model's forward through the side network, with the backbone frozen and graph-free.
+"""The LST forward: the model's own forward, routed through the side network. Read this file top to bottom.
 
-For each backbone layer stack we replace the ``forward`` of its *body* (the module that runs embeddings, the stack and
-the final norm: ``LlamaModel``, ``BertModel``, T5's encoder ``T5Stack``, ...) by an instance attribute that
+Data flow of one training step of a causal LM (B = batch, T = length, d = backbone width, d_s = d / r, V = vocab;
+a seq2seq model runs the same body path once per stack, encoder first):
 
-1. runs the original body under ``torch.no_grad()``, a context manager, so that grad mode is restored even when the
-   backbone raises, while forward hooks (registered for this one call, removed on exit) keep the few tensors the side
-   network reads, detached (:class:`StackCapture`). Nothing the backbone computes joins the autograd graph, even when
-   Trainer or PEFT have called ``enable_input_require_grads`` for gradient checkpointing;
-2. runs the side network with grad, and puts its result where the body's last hidden state was (recomputing a pooler
-   that reads it), so the model's own frozen head (lm_head with Gemma's soft-capping, T5's rescale, a classifier)
-   turns it into outputs.
+    PeftModel(input_ids, labels)                              PEFT calls the HF model as usual
+    -> _top_forward       labels taken out; use_cache=False    (no KV cache in training: it would keep the frozen
+                          logits_to_keep=1                      backbone's keys and values alive through the step)
+    -> HF model.forward   -> LlamaModel.forward = _body_forward  (the *body* that embeds and runs the layer stack)
+    _body_forward:
+       1. the original body under torch.no_grad(), with forward hooks (StackCapture) that keep, detached:
+            x_0      (B, T, d)   what layer 0 received: the embeddings as the blocks see them
+            h_i      (B, T, d)   the output of every tapped layer i
+            calls_i  dict        the other arguments layer i received (masks, rotary cos/sin, cache, ...)
+            h_L      (B, T, d)   the last layer's raw output, before the final norm
+       2. the side network, with grad (peft_ladder.ladder.side_network.SideStack.forward):
+            h = dropout(stream_down(x_0))                                  (B, T, d_s)
+            for k, i in enumerate(tapped layers):
+                mu_k = sigmoid(alpha_k / T_gate)                           scalar gate, 0.5 at init
+                h = mu_k * h + (1 - mu_k) * ladders[k](h_i)                (B, T, d_s)
+                h = side_block_k(h, **calls_i at side width)               the backbone's own block class at d_s
+            s = side_final_norm(h)                                         (B, T, d_s)
+            u = up(dropout(s))                                             (B, T, d)
+            "add":     last = final_norm(h_L + u)   up starts at zero, so step 0 is the base model exactly
+            "replace": last = u                     the paper: the side output alone feeds the head
+       3. ``last`` replaces the body's last hidden state (a pooler that reads it is re-run)
+    -> the HF model's own frozen head on the last position only (logits_to_keep=1)
+    -> _top_forward: loss = chunked_causal_lm_loss(last, labels, lm_head)  (peft_ladder.ladder.loss)
+                     (B, T, d) -> mean cross-entropy, V-wide logits built a chunk at a time and never kept
+
+Nothing the backbone computes joins the autograd graph, even when Trainer or PEFT have called
+``enable_input_require_grads`` for gradient checkpointing: step 1 runs under a ``no_grad`` context manager, so grad
+mode is restored even when the backbone raises, and the hooks are registered for this one call and removed on exit.
 
 Because the body's own ``forward`` is what changes, every caller takes this path: all PEFT wrapper classes (a plain
-``PeftModel`` calls the base model directly), ``generate()``, and user code holding the base model.
-
-For seq2seq models and causal-LM training the top-level model's ``forward`` is wrapped too: it carries the side
-encoder's output from the encoder call to the decoder calls (also across ``generate()`` steps, inside
-``encoder_outputs``), and in training computes the causal-LM loss in chunks (:mod:`peft_ladder.ladder.loss`) and
-turns the KV cache off, which would otherwise keep the frozen backbone's keys and values alive through the step.
+``PeftModel`` calls the base model directly), ``generate()``, and user code holding the base model. Classification
+and feature extraction stop at step 3: the model's own head (a classifier, with its pooler) reads ``last``. Seq2seq
+models carry the side encoder's output ``s`` from the encoder call to the decoder calls (and across ``generate()``
+steps, inside ``encoder_outputs``): the side decoder cross-attends to it.
 """
 
 from __future__ import annotations
@@ -27,98 +46,20 @@ import contextvars
 import functools
 import inspect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .cache import reserve_side_slots
-from .families import (
-    SideCallContext,
-    block_output_hidden,
-    find_cache,
-    generic_block_arguments,
-    named_arguments,
-    side_block_arguments,
-)
 from .loss import chunked_causal_lm_loss
-from .side_network import LadderSideNetwork
+from .side_network import LadderSideNetwork, SideInputs, first_output
+
+if TYPE_CHECKING:
+    from .side_builder import StackPlan
 
 # Key under which the side encoder's output travels inside the encoder's ModelOutput (generate() keeps it, and
 # expands it for beam search and num_return_sequences like every other tensor in encoder_outputs).
 SIDE_ENCODER_KEY = "ladder_side_encoder_states"
-
-
-@dataclass
-class StackPlan:
-    """Where one backbone stack sits: its body (the module whose forward runs it), layers, final norm and pooler."""
-
-    index: int
-    body: nn.Module
-    layers: nn.ModuleList
-    final_norm: nn.Module | None
-    pooler: nn.Module | None
-    is_decoder_stack: bool
-    rel_embeddings_owner: nn.Module | None = None  # DeBERTa-v2's encoder (has get_rel_embedding)
-
-    @property
-    def block_class(self) -> type:
-        return type(self.layers[0])
-
-
-class StackCapture:
-    """Forward hooks on one stack for one call: the stream input, tapped outputs and call arguments, detached."""
-
-    def __init__(self, plan: StackPlan, tapped: list[int]):
-        self.plan = plan
-        self.tapped = tapped
-        self.stream_input: torch.Tensor | None = None
-        self.taps: dict[int, torch.Tensor] = {}
-        self.calls: dict[int, dict] = {}
-        self.last_output: torch.Tensor | None = None
-        self.layer0_output: tuple | None = None
-        self._handles = []
-
-    def __enter__(self) -> StackCapture:
-        layers, block_class = self.plan.layers, self.plan.block_class
-        last = len(layers) - 1
-
-        def keep_call(index, module, args, kwargs):
-            named = named_arguments(block_class, args, kwargs)
-            if index == 0:
-                self.stream_input = next(iter(named.values())).detach()
-            if index in self.taps_wanted:
-                self.calls[index] = named
-
-        def keep_output(index, module, args, kwargs, output):
-            hidden = block_output_hidden(output).detach()
-            if index in self.taps_wanted:
-                self.taps[index] = hidden
-            if index == last:
-                self.last_output = hidden
-            if index == 0 and isinstance(output, tuple):
-                self.layer0_output = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in output)
-
-        self.taps_wanted = set(self.tapped)
-        for index in sorted(self.taps_wanted | {0, last}):
-            layer = layers[index]
-            self._handles.append(
-                layer.register_forward_pre_hook(functools.partial(keep_call, index), with_kwargs=True)
-            )
-            self._handles.append(layer.register_forward_hook(functools.partial(keep_output, index), with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-
-@dataclass
-class _CallState:
-    """Per top-level call: what travels between the encoder and decoder bodies, and to the chunked loss."""
-
-    side_encoder_states: torch.Tensor | None = None
-    last_hidden: torch.Tensor | None = None
 
 
 class LadderRouter:
@@ -133,6 +74,71 @@ class LadderRouter:
         self._bypass = 0
         self._patched: list[nn.Module] = []
         self._takes_use_cache = "use_cache" in inspect.signature(type(model).forward).parameters
+
+    # ------------------------------------------------------------------ the top-level model
+    def _top_forward(self, original, *args, **kwargs):
+        side = self._active_side()
+        if side is None:
+            return original(*args, **kwargs)
+        state = _CallState(side_encoder_states=_side_encoder_states(kwargs.get("encoder_outputs")))
+        token = self._state.set(state)
+        try:
+            training = self.model.training and torch.is_grad_enabled()
+            if training and self._takes_use_cache and kwargs.get("past_key_values") is None:
+                # Unlike LoRA's keys and values (saved for backward anyway), the frozen backbone's would otherwise be
+                # freed layer by layer: at Llama-3.2-3B, batch 16, length 768, the cache alone holds 1.4 GB. A caller
+                # who asks for one explicitly still gets it.
+                kwargs.setdefault("use_cache", False)
+            labels = kwargs.get("labels")
+            if not (self.chunked_loss and labels is not None and training):
+                return original(*args, **kwargs)
+            # Training a causal LM: the model computes only the last position's logits, we compute the loss.
+            kwargs.pop("labels")
+            num_items = kwargs.pop("num_items_in_batch", None)
+            kwargs["logits_to_keep"] = 1
+            output = original(*args, **kwargs)
+            loss = chunked_causal_lm_loss(
+                state.last_hidden,
+                labels,
+                self.model.get_output_embeddings(),
+                num_items_in_batch=num_items,
+                logit_softcap=getattr(self.model.config, "final_logit_softcapping", None),
+            )
+            fields = {key: value for key, value in output.items() if key != "loss"}
+            return type(output)(loss=loss, **fields)
+        finally:
+            self._state.reset(token)
+
+    # ------------------------------------------------------------------ the body of one stack
+    def _body_forward(self, plan: StackPlan, original, *args, **kwargs):
+        side = self._active_side()
+        if side is None:
+            return original(*args, **kwargs)
+        stack = side.stacks[plan.index]
+        # 1. The backbone, frozen and graph-free; hooks keep what the side network reads.
+        with StackCapture(plan, stack.tapped_layers) as capture, torch.no_grad():
+            output = original(*args, **kwargs)
+        # 2. The side network, with grad.
+        state = self._state.get()
+        layer_calls = [capture.calls[index] for index in stack.tapped_layers]
+        side_inputs = SideInputs(
+            position_embeddings=_side_rotary(side.rotary(plan.index), capture.stream_input, layer_calls[0]),
+            encoder_states=state.side_encoder_states if state is not None else None,
+            layer0_output=capture.layer0_output,
+            padding_mask=_padding_mask(kwargs.get("attention_mask")),
+        )
+        taps = [capture.taps[index] for index in stack.tapped_layers]
+        with _compute_dtype(stack, capture.stream_input):
+            side_output = stack(capture.stream_input, taps, layer_calls, side_inputs)
+            if stack.up is None:  # a seq2seq side encoder: its output travels to the side decoder, not the head
+                if state is not None:
+                    state.side_encoder_states = side_output
+                return _attach_side_encoder_states(output, side_output)
+            last_hidden = stack.last_hidden(side_output, capture.last_output, plan.final_norm)
+        # 3. Hand the result to the model's own head.
+        if state is not None:
+            state.last_hidden = last_hidden
+        return _replace_last_hidden(output, last_hidden, plan)
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -163,7 +169,7 @@ class LadderRouter:
 
     @contextlib.contextmanager
     def bypassed(self):
-        """Run the plain backbone, as if no adapter were attached (used to probe the backbone while building)."""
+        """Run the plain backbone, as if no adapter were attached."""
         self._bypass += 1
         try:
             yield
@@ -173,89 +179,96 @@ class LadderRouter:
     def _active_side(self) -> LadderSideNetwork | None:
         return None if self._bypass else self._side_lookup()
 
-    # ------------------------------------------------------------------ the body of one stack
-    def _body_forward(self, plan: StackPlan, original, *args, **kwargs):
-        side = self._active_side()
-        if side is None:
-            return original(*args, **kwargs)
-        # 1. The backbone, frozen and graph-free; hooks keep what the side network reads.
-        stack = side.stacks[plan.index]
-        with StackCapture(plan, stack.tapped_layers) as capture, torch.no_grad():
-            output = original(*args, **kwargs)
-        # 2. The side network, with grad.
-        state = self._state.get()
-        context = SideCallContext(
-            rotary=side.rotary(plan.index),
-            encoder_states=state.side_encoder_states if state is not None else None,
-            rel_embeddings=stack.rel_embeddings,
-            num_heads=stack.side_heads,
-            padding_mask=_padding_mask(kwargs.get("attention_mask")),
-            layer0_output=capture.layer0_output,
-        )
-        cache_slot_base = len(plan.layers)
 
-        def run_block(k: int, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-            named = capture.calls[stack.tapped_layers[k]]
-            if k == 0:
-                reserve_side_slots(find_cache(named), cache_slot_base, len(stack.blocks))
-            if stack.generic_blocks:
-                arguments = generic_block_arguments(named, hidden, context)
-            else:
-                arguments = side_block_arguments(plan.block_class, named, hidden, context)
-            return block_output_hidden(block(**arguments))
+class StackCapture:
+    """Forward hooks on one stack for one call: the stream input, tapped outputs and call arguments, detached."""
 
-        with _compute_dtype(stack, capture.stream_input):
-            taps = [capture.taps[index] for index in stack.tapped_layers]
-            side_output = stack(capture.stream_input, taps, run_block)
-            if stack.up is None:  # a seq2seq side encoder: its output travels to the side decoder, not the head
-                if state is not None:
-                    state.side_encoder_states = side_output
-                return _attach_side_encoder_states(output, side_output)
-            last_hidden = stack.last_hidden(side_output, capture.last_output, plan.final_norm)
-        # 3. Hand the result to the model's own head.
-        if state is not None:
-            state.last_hidden = last_hidden
-        return _replace_last_hidden(output, last_hidden, plan)
+    def __init__(self, plan: StackPlan, tapped: list[int]):
+        self.plan = plan
+        self.tapped = set(tapped)
+        self.stream_input: torch.Tensor | None = None
+        self.taps: dict[int, torch.Tensor] = {}
+        self.calls: dict[int, dict] = {}  # every argument but the hidden states, by name
+        self.last_output: torch.Tensor | None = None
+        self.layer0_output: tuple | None = None
+        self._handles = []
 
-    # ------------------------------------------------------------------ the top-level model
-    def _top_forward(self, original, *args, **kwargs):
-        side = self._active_side()
-        if side is None:
-            return original(*args, **kwargs)
-        state = _CallState(side_encoder_states=_side_encoder_states(kwargs.get("encoder_outputs")))
-        token = self._state.set(state)
-        try:
-            training = self.model.training and torch.is_grad_enabled()
-            if training and self._takes_use_cache and kwargs.get("past_key_values") is None:
-                # A KV cache is useless in training and, unlike LoRA's keys and values (saved for backward anyway),
-                # the frozen backbone's would otherwise be freed layer by layer: at Llama-3.2-3B, batch 16, length
-                # 768, the cache alone holds 1.4 GB. A caller who asks for one explicitly still gets it.
-                kwargs.setdefault("use_cache", False)
-            labels = kwargs.get("labels")
-            if not (self.chunked_loss and labels is not None and training):
-                return original(*args, **kwargs)
-            # Training a causal LM: the model computes only the last position's logits, we compute the loss.
-            kwargs.pop("labels")
-            num_items = kwargs.pop("num_items_in_batch", None)
-            kwargs["logits_to_keep"] = 1
-            output = original(*args, **kwargs)
-            config = self.model.config
-            loss = chunked_causal_lm_loss(
-                state.last_hidden,
-                labels,
-                self.model.get_output_embeddings(),
-                num_items_in_batch=num_items,
-                logit_softcap=getattr(config, "final_logit_softcapping", None),
+    def __enter__(self) -> StackCapture:
+        layers, block_class = self.plan.layers, self.plan.block_class
+        last = len(layers) - 1
+
+        def keep_call(index, module, args, kwargs):
+            hidden, *rest = named_arguments(block_class, args, kwargs).items()
+            if index == 0:
+                self.stream_input = hidden[1].detach()
+            if index in self.tapped:
+                self.calls[index] = dict(rest)
+
+        def keep_output(index, module, args, kwargs, output):
+            hidden = first_output(output).detach()
+            if index in self.tapped:
+                self.taps[index] = hidden
+            if index == last:
+                self.last_output = hidden
+            if index == 0 and isinstance(output, tuple):
+                self.layer0_output = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in output)
+
+        for index in sorted(self.tapped | {0, last}):
+            layer = layers[index]
+            self._handles.append(
+                layer.register_forward_pre_hook(functools.partial(keep_call, index), with_kwargs=True)
             )
-            fields = {key: value for key, value in output.items() if key != "loss"}
-            return type(output)(loss=loss, **fields)
-        finally:
-            self._state.reset(token)
+            self._handles.append(layer.register_forward_hook(functools.partial(keep_output, index), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+@dataclass
+class _CallState:
+    """Per top-level call: what travels between the encoder and decoder bodies, and to the chunked loss."""
+
+    side_encoder_states: torch.Tensor | None = None
+    last_hidden: torch.Tensor | None = None
 
 
 def supports_chunked_loss(model: nn.Module) -> bool:
     """Whether the causal-LM class lets us skip its full logits (it takes ``logits_to_keep``)."""
     return "logits_to_keep" in inspect.signature(type(model).forward).parameters
+
+
+@functools.cache
+def _forward_signature(block_class: type) -> inspect.Signature:
+    return inspect.signature(block_class.forward)
+
+
+def named_arguments(block_class: type, args: tuple, kwargs: dict) -> dict:
+    """A layer's call as one name -> value dict, in signature order (``**kwargs`` flattened in)."""
+    signature = _forward_signature(block_class)
+    bound = signature.bind(None, *args, **kwargs)  # None stands for self
+    named = {}
+    for name, value in list(bound.arguments.items())[1:]:
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            raise TypeError(f"{block_class.__name__}.forward takes *{name}; side blocks cannot re-map its arguments.")
+        else:
+            named[name] = value
+    return named
+
+
+def _side_rotary(rotary: nn.Module | None, reference: torch.Tensor, layer_call: dict):
+    """Rotary (cos, sin) at the side head dim, once per stack forward (every layer gets the same positions)."""
+    if rotary is None or layer_call.get("position_embeddings") is None:
+        return None
+    position_ids = layer_call.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(reference.shape[1], device=reference.device).unsqueeze(0)
+    return rotary(reference, position_ids)
 
 
 def _side_encoder_states(encoder_outputs) -> torch.Tensor | None:

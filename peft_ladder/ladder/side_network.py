@@ -1,34 +1,50 @@
 """The side network of Ladder Side-Tuning: one :class:`SideStack` beside each backbone layer stack.
 
-Data flow of one :meth:`SideStack.forward` (d = backbone width, d_s = d / r, k runs over the tapped layers):
+:meth:`SideStack.forward` is the method's equations (shapes and the whole path from input to loss are in
+:mod:`peft_ladder.ladder.router`'s docstring). What a side block receives is decided here, in
+:func:`side_block_kwargs`: the keyword arguments the backbone passed to the backbone layer it sits beside, with the
+few that depend on width swapped for side-width values. The swaps are keyed by *argument name*, not by family,
+because families that share a mechanism share its argument name:
 
-    stream input  x_0  (B, T, d)   what the backbone's first layer received: token embeddings (with the family's
-                                   positions/scale/norm applied, as the blocks see them)
-    h   = dropout(stream_down(x_0))                       (B, T, d_s)
-    for k, i in enumerate(tapped layers):
-        mu  = sigmoid(gate_logits[k] / T)                 scalar gate, 0.5 at init
-        h   = mu * h + (1 - mu) * ladders[k](h_i)         h_i = output of backbone layer i, (B, T, d)
-        h   = blocks[k](h, <backbone layer i's other arguments at side width>)
-    s   = final_norm(h)                                   (B, T, d_s)  the side output (a side decoder cross-attends
-                                                                       to the side encoder's s)
-    u   = up(dropout(s))                                  (B, T, d)
-    "replace": last hidden = u                            the paper: the side output alone feeds the frozen head
-    "add":     last hidden = final_norm_backbone(h_L + u) h_L = backbone's last layer output; `up` starts at zero,
-                                                          so step 0 reproduces the base model exactly
+==================================  ===========================================================================
+argument                            side value
+==================================  ===========================================================================
+the first one (``hidden_states``)   the side stream
+``position_embeddings``             rotary (cos, sin) at the side head dim (Llama, Mistral, Qwen, Gemma)
+``encoder_hidden_states``           the *side* encoder's output: the side decoder cross-attends to the side encoder
+``rel_embeddings``                  the side's own relative-position table (DeBERTa-v2), pruned from the backbone's
+``position_bias`` and               the backbone's additive attention bias (T5, MPNet), which has one channel per
+``encoder_decoder_position_bias``   head; T5's layer 0 receives none and computes it, so we take what layer 0 returned
+==================================  ===========================================================================
 
-Everything the side network reads from the backbone arrives detached: gradients never enter the backbone.
+Everything else (attention masks, position ids, cache positions, the KV cache) is passed through unchanged: masks do
+not depend on width, and the KV cache is the backbone's own cache object, in which side block k of a stack of depth L
+owns layer slot ``L + k`` (:func:`reserve_side_slots`). Everything transformers does to the cache then applies to the
+side network for free: beam search's reordering, ``num_return_sequences``' repeat, contrastive search's crop, and a
+cache object the user passes in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache, StaticLayer
+
+
+@dataclass
+class SideInputs:
+    """Side-width values that replace width-dependent backbone arguments, for one forward of one stack."""
+
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # rotary (cos, sin) at the side head dim
+    encoder_states: torch.Tensor | None = None  # the side encoder's output, for a side decoder
+    layer0_output: tuple | None = None  # what backbone layer 0 returned (T5: the position biases it computed)
+    padding_mask: torch.Tensor | None = None  # (batch, keys), 1 = real token; only the generic block reads it
 
 
 class SideStack(nn.Module):
-    """The side network beside one backbone layer stack (see the module docstring for the data flow)."""
+    """The side network beside one backbone layer stack."""
 
     def __init__(
         self,
@@ -41,6 +57,7 @@ class SideStack(nn.Module):
         dropout: float,
         gate_init: float,
         gate_temperature: float,
+        backbone_depth: int,
         rel_embeddings: torch.Tensor | None = None,
         side_heads: int = 0,
         generic_blocks: bool = False,
@@ -51,7 +68,8 @@ class SideStack(nn.Module):
             raise ValueError(f"{len(blocks)} side blocks for {len(tapped_layers)} tapped layers.")
         self.tapped_layers = list(tapped_layers)
         self.output_mode = output_mode
-        self.side_heads = side_heads  # attention heads of the side blocks (slices per-head biases)
+        self.backbone_depth = backbone_depth  # side block k owns KV-cache slot backbone_depth + k
+        self.side_heads = side_heads  # attention heads of the side blocks (slices per-head attention biases)
         self.generic_blocks = generic_blocks  # True when the fallback pre-norm block stands in for the family's
         self.gate_temperature = gate_temperature
         self.stream_down = nn.Linear(backbone_width, side_width)
@@ -76,15 +94,28 @@ class SideStack(nn.Module):
         self,
         stream_input: torch.Tensor,
         taps: list[torch.Tensor],
-        run_block: Callable[[int, nn.Module, torch.Tensor], torch.Tensor],
+        layer_calls: list[dict],
+        side_inputs: SideInputs,
     ) -> torch.Tensor:
-        """The side output s (B, T, d_s). ``run_block(k, block, h)`` calls side block k with backbone layer k's
-        other arguments swapped to side width (:func:`peft_ladder.ladder.families.side_block_arguments`)."""
+        """The side output s, (B, T, d_s).
+
+        Args:
+            stream_input: what backbone layer 0 received, (B, T, d): the embeddings as the blocks see them.
+            taps: ``taps[k]`` is the output of backbone layer ``tapped_layers[k]``, (B, T, d), detached.
+            layer_calls: ``layer_calls[k]`` holds the keyword arguments backbone layer ``tapped_layers[k]`` received;
+                side block k gets the same ones, at side width (:func:`side_block_kwargs`).
+            side_inputs: the side-width replacements, computed once for the stack.
+        """
+        reserve_side_slots(find_cache(layer_calls[0]), self.backbone_depth, len(self.blocks))
         hidden = self.dropout(self.stream_down(stream_input))
         mu = self.gates().to(hidden.dtype)
         for k, (ladder, block) in enumerate(zip(self.ladders, self.blocks)):
             hidden = mu[k] * hidden + (1 - mu[k]) * ladder(taps[k])
-            hidden = run_block(k, block, hidden)
+            if self.generic_blocks:
+                kwargs = {"padding_mask": side_inputs.padding_mask, "cache": find_cache(layer_calls[k])}
+            else:
+                kwargs = side_block_kwargs(layer_calls[k], side_inputs, self.side_heads, self.rel_embeddings)
+            hidden = first_output(block(hidden, **kwargs))
         return self.final_norm(hidden)
 
     def last_hidden(
@@ -111,6 +142,7 @@ class LadderSideNetwork(nn.Module):
         self._rotaries = rotaries
 
     def rotary(self, stack_index: int) -> nn.Module | None:
+        """The rotary embedding at side head dim of stack ``stack_index`` (``None`` for families without one)."""
         return self._rotaries[stack_index]
 
     def gate_values(self) -> dict[str, float]:
@@ -129,3 +161,80 @@ class LadderSideNetwork(nn.Module):
             if rotary is not None:
                 rotary._apply(fn, recurse)
         return result
+
+
+# ---------------------------------------------------------------------- what a side block receives
+def side_block_kwargs(
+    layer_call: dict, side_inputs: SideInputs, side_heads: int, rel_embeddings: torch.Tensor | None
+) -> dict:
+    """Backbone layer i's keyword arguments, with the width-dependent ones swapped (table in the module docstring).
+
+    ``layer_call`` holds every argument but the first (the hidden states, which the side stream replaces).
+    """
+    kwargs = dict(layer_call)
+    if kwargs.get("position_embeddings") is not None:
+        kwargs["position_embeddings"] = side_inputs.position_embeddings
+    if kwargs.get("encoder_hidden_states") is not None:
+        if side_inputs.encoder_states is None:
+            raise RuntimeError(
+                "The side decoder needs the side encoder's output, but none travelled with this call. Pass the "
+                "encoder outputs returned by this same model (with its adapter active), or call the model as a whole."
+            )
+        kwargs["encoder_hidden_states"] = side_inputs.encoder_states
+    if kwargs.get("rel_embeddings") is not None:
+        kwargs["rel_embeddings"] = rel_embeddings
+    for slot, name in ((1, "position_bias"), (2, "encoder_decoder_position_bias")):
+        if name not in kwargs:
+            continue
+        bias = kwargs[name]
+        layer0 = side_inputs.layer0_output
+        if bias is None and layer0 is not None and len(layer0) > slot:
+            bias = layer0[slot]
+        if bias is not None:
+            kwargs[name] = bias[:, :side_heads]
+    return kwargs
+
+
+def first_output(output) -> torch.Tensor:
+    """Families return a block's hidden state alone or first in a tuple."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def find_cache(layer_call: dict) -> Cache | None:
+    return next((value for value in layer_call.values() if isinstance(value, Cache)), None)
+
+
+# ---------------------------------------------------------------------- the side KV cache
+class UnsupportedCacheError(TypeError):
+    """A cache type whose layer slots we cannot extend for the side network."""
+
+
+def reserve_side_slots(cache: Cache | None, first_slot: int, count: int) -> None:
+    """Make sure ``cache`` has layer slots ``first_slot .. first_slot + count - 1`` for the side blocks.
+
+    The slots are appended when the side network first runs on a cache; the backbone never reads beyond its own.
+    """
+    if cache is None:
+        return
+    parts = (
+        [cache.self_attention_cache, cache.cross_attention_cache]
+        if isinstance(cache, EncoderDecoderCache)
+        else [cache]
+    )
+    for part in parts:
+        while len(part.layers) < first_slot + count:
+            part.layers.append(_new_layer_like(part))
+
+
+def _new_layer_like(cache: Cache):
+    if cache.layer_class_to_replicate is not None:
+        return cache.layer_class_to_replicate()
+    template = cache.layers[0] if cache.layers else None
+    if isinstance(template, StaticLayer):  # also the sliding-window variant: side slots keep every position
+        return StaticLayer(max_cache_len=template.max_cache_len)
+    if isinstance(template, DynamicLayer):
+        return DynamicLayer()
+    raise UnsupportedCacheError(
+        f"Ladder side-tuning cannot add its side layers to a {type(cache).__name__} whose layers are "
+        f"{type(template).__name__}. Generate with the default DynamicCache (pass no cache) or a StaticCache."
+    )

@@ -1,0 +1,185 @@
+"""Builds the side network for a backbone: where each layer stack sits (:class:`StackPlan`), and the side stacks.
+
+Per backbone layer stack (one for encoders and decoders, encoder + decoder for seq2seq):
+
+* the *body* whose forward runs the stack (``LlamaModel``, ``BertModel``, T5's ``T5Stack``, ...), its layers, final
+  norm and pooler: :func:`plan_stacks`;
+* side blocks of the backbone's own block class at 1/r width (:mod:`.shapes`), each owning KV-cache slot
+  ``depth + k``, or the generic pre-norm block (:mod:`.generic_block`) where the family's block cannot be built at
+  side width; a side final norm of the backbone norm's class; a rotary embedding at the side head dim:
+  :func:`build_side_network`.
+
+Weights start at the block class's own initialisation; :mod:`.init` then prunes the backbone into them.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..backbone import BackboneInfo, UnsupportedModelError, get_submodule_or_raise
+from .generic_block import GenericPreNormBlock, generic_heads
+from .shapes import reduced_config, side_shape
+from .side_network import LadderSideNetwork, SideStack
+
+
+@dataclass
+class StackPlan:
+    """Where one backbone stack sits: its body (the module whose forward runs it), layers, final norm and pooler."""
+
+    index: int
+    body: nn.Module
+    layers: nn.ModuleList
+    final_norm: nn.Module | None
+    pooler: nn.Module | None
+    is_decoder_stack: bool
+    rel_embeddings_owner: nn.Module | None = None  # DeBERTa-v2's encoder (has get_rel_embedding)
+
+    @property
+    def block_class(self) -> type:
+        return type(self.layers[0])
+
+
+def plan_stacks(model: nn.Module, info: BackboneInfo) -> list[StackPlan]:
+    """One :class:`StackPlan` per layer stack that :func:`peft_ladder.inspect_backbone` found."""
+    embeddings = info.input_embeddings
+    plans = []
+    for index, stack in enumerate(info.stacks):
+        parent_path = stack.path.rpartition(".")[0]
+        parent = model.get_submodule(parent_path) if parent_path else model
+        # Encoder-decoder stacks are run by their own module (T5Stack, BartEncoder/BartDecoder); other families by
+        # the nearest ancestor that also embeds the tokens (BertModel around BertEncoder, LlamaModel).
+        body = parent if info.is_encoder_decoder else _body_of(model, stack.path, embeddings)
+        final_norm = (
+            get_submodule_or_raise(model, stack.final_norm_path, "final norm") if stack.final_norm_path else None
+        )
+        pooler = getattr(body, "pooler", None)
+        plans.append(
+            StackPlan(
+                index=index,
+                body=body,
+                layers=stack.layers,
+                final_norm=final_norm,
+                pooler=pooler if isinstance(pooler, nn.Module) else None,
+                is_decoder_stack=stack.is_decoder_stack,
+                rel_embeddings_owner=parent
+                if hasattr(parent, "get_rel_embedding") and parent.get_rel_embedding() is not None
+                else None,
+            )
+        )
+    return plans
+
+
+def build_side_network(
+    model: nn.Module, config, info: BackboneInfo, plans: list[StackPlan], tapped: list[list[int]]
+) -> LadderSideNetwork:
+    """The side network of one adapter: a :class:`SideStack` per plan, tapping the layers in ``tapped``."""
+    output_mode = config.resolved_output_mode()
+    stacks, rotaries = [], []
+    for plan, layer_indices in zip(plans, tapped):
+        base_config = getattr(plan.body, "config", model.config)
+        rotary_module = _find_rotary(plan.body)
+        shape = side_shape(info, base_config, config.reduction_factor, uses_rotary=rotary_module is not None)
+        side_config = reduced_config(base_config, info, shape)
+        depth = len(plan.layers)
+        if isinstance(getattr(side_config, "layer_types", None), list):  # slots L + k follow layer i's type
+            side_config.layer_types = list(side_config.layer_types) + [
+                side_config.layer_types[i] for i in layer_indices
+            ]
+        blocks, generic = _build_blocks(plan, side_config, shape, layer_indices, depth, config.side_block)
+        rel = None
+        if plan.rel_embeddings_owner is not None:
+            table = plan.rel_embeddings_owner.get_rel_embedding()
+            rel = torch.randn(table.shape[0], shape.hidden_size) * 0.02
+        stack = SideStack(
+            backbone_width=info.hidden_size,
+            side_width=shape.hidden_size,
+            tapped_layers=layer_indices,
+            blocks=blocks,
+            final_norm=_side_final_norm(plan.final_norm, shape.hidden_size, base_config),
+            output_mode=output_mode,
+            dropout=config.side_dropout,
+            gate_init=config.gate_init,
+            gate_temperature=config.gate_temperature,
+            backbone_depth=depth,
+            rel_embeddings=rel,
+            side_heads=shape.num_heads,
+            generic_blocks=generic,
+            feeds_head=not (info.is_encoder_decoder and not plan.is_decoder_stack),
+        )
+        stacks.append(stack)
+        rotaries.append(type(rotary_module)(config=side_config) if rotary_module is not None else None)
+    return LadderSideNetwork(stacks, rotaries)
+
+
+def build_side_block(block_class: type[nn.Module], side_config, layer_idx: int) -> nn.Module:
+    """An instance of the backbone's block class at side width, owning KV-cache slot ``layer_idx``."""
+    parameters = inspect.signature(block_class.__init__).parameters
+    kwargs = {}
+    if "layer_idx" in parameters:
+        kwargs["layer_idx"] = layer_idx
+    if "has_relative_attention_bias" in parameters:  # T5: every side block reuses the backbone's bias
+        kwargs["has_relative_attention_bias"] = False
+    return block_class(side_config, **kwargs)
+
+
+def _body_of(model: nn.Module, stack_path: str, embeddings: nn.Module) -> nn.Module:
+    """The nearest ancestor of the stack that also holds the input embeddings: its forward runs the whole stack."""
+    path = stack_path
+    while path:
+        path = path.rpartition(".")[0]
+        candidate = model.get_submodule(path) if path else model
+        if any(module is embeddings for module in candidate.modules()):
+            return candidate
+    raise UnsupportedModelError(f"No module of {type(model).__name__} holds both '{stack_path}' and the embeddings.")
+
+
+def _find_rotary(body: nn.Module) -> nn.Module | None:
+    return next((m for m in body.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
+
+
+def _build_blocks(plan: StackPlan, side_config, shape, layer_indices, depth: int, side_block: str):
+    if side_block == "backbone":
+        try:
+            return [
+                build_side_block(plan.block_class, side_config, depth + k) for k in range(len(layer_indices))
+            ], False
+        except Exception as error:  # an unknown family whose block cannot be built at side width
+            warnings.warn(
+                f"Could not build {plan.block_class.__name__} at side width ({type(error).__name__}: {error}); "
+                "using the generic pre-norm side block instead.",
+                stacklevel=5,
+            )
+    causal = _is_causal(plan)
+    heads = generic_heads(shape.hidden_size, shape.num_heads)
+    blocks = [
+        GenericPreNormBlock(shape.hidden_size, heads, shape.intermediate_size, causal, layer_idx=depth + k)
+        for k in range(len(layer_indices))
+    ]
+    return blocks, True
+
+
+def _is_causal(plan: StackPlan) -> bool:
+    """Decoders mask the future: read it from the family's attention module."""
+    for module in plan.layers[0].modules():
+        if hasattr(module, "is_causal"):
+            return bool(module.is_causal)
+    return plan.is_decoder_stack
+
+
+def _side_final_norm(backbone_norm: nn.Module | None, width: int, config) -> nn.Module:
+    """The backbone final norm's class at side width; a LayerNorm for post-norm families that have none."""
+    if backbone_norm is None:
+        return nn.LayerNorm(width, eps=getattr(config, "layer_norm_eps", 1e-12) or 1e-12)
+    if isinstance(backbone_norm, nn.LayerNorm):
+        return nn.LayerNorm(width, eps=backbone_norm.eps, elementwise_affine=backbone_norm.elementwise_affine)
+    norm = copy.deepcopy(backbone_norm)
+    for name, param in list(norm.named_parameters(recurse=False)):
+        if param.dim() == 1:
+            setattr(norm, name, nn.Parameter(param.detach()[:width].clone().float()))
+    return norm
