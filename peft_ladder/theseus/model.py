@@ -108,13 +108,11 @@ class TheseusModel(ModuleTuner):
             owner = model.get_submodule(path.rpartition(".")[0])
             state["stacks"][path] = routing.make_replaceable(layers)
             state["handles"].append(owner.register_forward_pre_hook(_stack_hook(self, path, layers)))
-            state["handles"].append(
-                owner.register_forward_hook(lambda *_, layers=layers: routing.set_plan(layers, None), always_call=True)
-            )
+            state["handles"].append(owner.register_forward_hook(_after_stack_hook(self, layers), always_call=True))
 
     def _routing_state(self) -> dict:
         # plain attribute, looked up in __dict__: BaseTuner forwards missing attributes to the base model
-        return self.__dict__.setdefault("_theseus_routing", {"stacks": {}, "handles": [], "embedding_hook": None})
+        return self.__dict__.setdefault("_theseus_routing", {"stacks": {}, "handles": [], "grad_fallback": False})
 
     # ------------------------------------------------------------------ forward
     def _before_model_forward(self, model: nn.Module, args) -> None:
@@ -132,16 +130,12 @@ class TheseusModel(ModuleTuner):
         successor.current_draws = draws
         if not any(flat_draws) and torch.is_grad_enabled() and not any(p.requires_grad for p in model.parameters()):
             # No successor layer runs and nothing else trains: the loss would not require grad and backward would
-            # fail. Make the embeddings' output require grad instead; the successor gets no gradient this step,
-            # like an unused parameter in the official code.
-            state = self._routing_state()
-            state["embedding_hook"] = model.get_input_embeddings().register_forward_hook(_require_grad_once(state))
+            # fail. The compressed stacks' outputs are made to require grad instead (see _after_stack_hook); the
+            # successor gets no gradient this step, like an unused parameter in the official code.
+            self._routing_state()["grad_fallback"] = True
 
     def _after_model_forward(self, *_) -> None:
-        state = self._routing_state()
-        if state["embedding_hook"] is not None:
-            state["embedding_hook"].remove()
-            state["embedding_hook"] = None
+        self._routing_state()["grad_fallback"] = False
 
     def _plan(self, path: str, layers: routing.ReplaceableLayers) -> list[nn.Module]:
         """The blocks ``layers`` runs in this forward (see the module docstring)."""
@@ -315,11 +309,39 @@ def _optimizer_hook(tuner: TheseusModel):
     return after_optimizer_step
 
 
-def _require_grad_once(state: dict):
-    def hook(module, args, output):
-        if isinstance(output, torch.Tensor) and not output.requires_grad:
-            output.requires_grad_(True)
-        state["embedding_hook"].remove()
-        state["embedding_hook"] = None
+def _after_stack_hook(tuner: TheseusModel, layers: routing.ReplaceableLayers):
+    tuner_ref = weakref.ref(tuner)
 
-    return hook
+    def after_stack_forward(module, args, output):
+        routing.set_plan(layers, None)
+        tuner = tuner_ref()
+        if tuner is not None and tuner._routing_state()["grad_fallback"]:
+            return _output_requiring_grad(output)
+        return None
+
+    return after_stack_forward
+
+
+def _output_requiring_grad(output):
+    """``output`` of a stack's owner with its hidden states (the first tensor) made to require grad, or ``None``.
+
+    The hook sits on the module that runs the compressed layer list, so it fires whatever the family's embeddings
+    are (T5 and BART stacks call their own ``embed_tokens``, not ``get_input_embeddings()``), when the caller passes
+    ``inputs_embeds``, and outside any gradient-checkpointed block. The hidden states are a fresh leaf (nothing that
+    requires grad produced them); the clone keeps later in-place operations legal.
+    """
+    if isinstance(output, torch.Tensor):
+        hidden = output
+    elif isinstance(output, (tuple, list, dict)) and len(output) > 0:
+        hidden = output[next(iter(output))] if isinstance(output, dict) else output[0]
+    else:
+        return None
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.requires_grad:
+        return None
+    hidden = hidden.detach().requires_grad_(True).clone()
+    if isinstance(output, torch.Tensor):
+        return hidden
+    if isinstance(output, dict):  # transformers' ModelOutput keeps its attributes in step with its items
+        output[next(iter(output))] = hidden
+        return output
+    return type(output)([hidden, *output[1:]]) if isinstance(output, list) else (hidden, *output[1:])
