@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backbone import inspect_backbone
+from ..backbone import inspect_backbone
 
 # Attribute set on a model that quantize() has converted; deep copies and PEFT wrappers keep it.
 INFO_ATTRIBUTE = "peft_ladder_quantization"
