@@ -10,7 +10,9 @@ Two gaps in PEFT 0.21 and transformers 5 for a plugin method:
 
 :func:`install` wraps both methods once, at import. For adapters of other PEFT methods the wrappers call the original
 unchanged; for ours, the card gets ``library_name: peft``, ``base_model``, the method's tags and a usage snippet, and
-``push_to_hub`` uploads exactly ``adapter_config.json``, ``adapter_model.safetensors`` and that card.
+``push_to_hub`` uploads exactly that card and, for every saved adapter, its ``adapter_config.json`` and weights, laid
+out as ``save_pretrained`` writes them (PEFT's convention: the adapter named ``"default"`` at the top of the
+repository, any other in a subfolder named after it).
 """
 
 from __future__ import annotations
@@ -34,8 +36,21 @@ AUTO_CLASS_BY_TASK = {
     "QUESTION_ANS": "AutoPeftModelForQuestionAnswering",
     "FEATURE_EXTRACTION": "AutoPeftModelForFeatureExtraction",
 }
+# The transformers class of the base model, by task type value (for adapters loaded without AutoPeftModel).
+BASE_CLASS_BY_TASK = {
+    None: "AutoModel",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
 USAGE_HEADING = "## Usage with peft-ladder"
-UPLOADED_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+CARD_FILE = "README.md"
+CONFIG_FILE = "adapter_config.json"
+# safetensors by default; ``save_pretrained(safe_serialization=False)`` writes the pickle file instead.
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def _our_tuner(peft_model) -> ModuleTuner | None:
@@ -43,8 +58,37 @@ def _our_tuner(peft_model) -> ModuleTuner | None:
     return tuner if isinstance(tuner, ModuleTuner) else None
 
 
-def usage_snippet(peft_type: str, task_type: str | None, repo_or_path: str) -> str:
-    auto_class = AUTO_CLASS_BY_TASK.get(task_type, "AutoPeftModel")
+def adapter_folder(adapter_name: str) -> str:
+    """Where ``save_pretrained`` puts an adapter, relative to the save directory (``""``: at the top)."""
+    return "" if adapter_name == "default" else adapter_name
+
+
+def usage_snippet(
+    peft_type: str,
+    task_type: str | None,
+    repo_or_path: str,
+    adapter_names=("default",),
+    base_model: str | None = None,
+) -> str:
+    """The card section that says how to load the adapters ``adapter_names`` saved at ``repo_or_path``.
+
+    An adapter named "default" sits at the top of the repository and loads with ``AutoPeftModel*``. Any other sits in
+    a subfolder, which ``AutoPeftModel*.from_pretrained(subfolder=...)`` would also look for the base model in, so
+    without a "default" adapter the snippet loads the base model itself and calls ``PeftModel.from_pretrained``.
+    """
+    first, *others = adapter_names
+    if adapter_folder(first):
+        base_class = BASE_CLASS_BY_TASK.get(task_type, "AutoModel")
+        imports = f"from peft import PeftModel\nfrom transformers import {base_class}"
+        lines = [
+            f'base = {base_class}.from_pretrained("{base_model or "path/to/the/base/model"}")',
+            f'model = PeftModel.from_pretrained(base, "{repo_or_path}"{_load_options(first)})',
+        ]
+    else:
+        auto_class = AUTO_CLASS_BY_TASK.get(task_type, "AutoPeftModel")
+        imports = f"from peft import {auto_class}"
+        lines = [f'model = {auto_class}.from_pretrained("{repo_or_path}")']
+    lines += [f'model.load_adapter("{repo_or_path}"{_load_options(name)})' for name in others]
     return (
         f"{USAGE_HEADING}\n\n"
         f"This adapter uses the `{peft_type}` method of [peft-ladder](https://pypi.org/project/peft-ladder/). "
@@ -52,14 +96,20 @@ def usage_snippet(peft_type: str, task_type: str | None, repo_or_path: str) -> s
         f"`KeyError('{peft_type}')`.\n\n"
         "```python\n"
         "import peft_ladder  # registers the method with PEFT: pip install peft-ladder\n"
-        f"from peft import {auto_class}\n\n"
-        f'model = {auto_class}.from_pretrained("{repo_or_path}")\n'
-        "```\n"
+        f"{imports}\n\n" + "\n".join(lines) + "\n```\n"
     )
 
 
-def update_card(peft_model, output_dir: str, repo_id: str | None = None) -> None:
-    """Add our tags, ``library_name: peft`` and the usage snippet to the card PEFT wrote in ``output_dir``."""
+def _load_options(adapter_name: str) -> str:
+    subfolder = adapter_folder(adapter_name)
+    return (f', subfolder="{subfolder}"' if subfolder else "") + f', adapter_name="{adapter_name}"'
+
+
+def update_card(peft_model, output_dir: str, repo_id: str | None = None, adapter_names=None) -> None:
+    """Add our tags, ``library_name: peft`` and the usage snippet to the card PEFT wrote in ``output_dir``.
+
+    ``adapter_names`` are the adapters saved there (default: every adapter of the model).
+    """
     tuner = _our_tuner(peft_model)
     path = os.path.join(output_dir, "README.md")
     card = ModelCard.load(path)
@@ -70,7 +120,8 @@ def update_card(peft_model, output_dir: str, repo_id: str | None = None) -> None
     if base_model:
         card.data["base_model"] = base_model
     task_type = config.task_type.value if hasattr(config.task_type, "value") else config.task_type
-    snippet = usage_snippet(config.peft_type.value, task_type, repo_id or "path/to/this/adapter")
+    names = sorted(adapter_names or peft_model.peft_config, key=lambda name: name != "default")  # "default" first
+    snippet = usage_snippet(config.peft_type.value, task_type, repo_id or "path/to/this/adapter", names, base_model)
     text = card.text
     if USAGE_HEADING in text:  # re-saving into the same folder: replace our section, keep the user's edits
         start = text.index(USAGE_HEADING)
@@ -118,16 +169,22 @@ def push_adapter_to_hub(
     commit_description: str | None = None,
     **save_kwargs,
 ):
-    """Upload the adapter's config, weights and card (nothing else) to ``repo_id`` on the Hub."""
+    """Upload the card and every saved adapter's config and weights (nothing else) to ``repo_id`` on the Hub.
+
+    ``save_kwargs`` go to ``save_pretrained``; ``selected_adapters`` there picks the adapters (default: all of them).
+    """
+    selected = save_kwargs.get("selected_adapters") or list(peft_model.peft_config)
     api = HfApi()
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as folder:
         peft_model.save_pretrained(folder, **save_kwargs)
-        update_card(peft_model, folder, repo_id=repo_id)
+        update_card(peft_model, folder, repo_id=repo_id, adapter_names=selected)
+        paths_in_repo = [CARD_FILE]
+        for name in selected:
+            paths_in_repo.extend(_saved_adapter_files(folder, name))
         operations = [
-            CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
-            for name in UPLOADED_FILES
-            if os.path.exists(os.path.join(folder, name))
+            CommitOperationAdd(path_in_repo=path, path_or_fileobj=os.path.join(folder, *path.split("/")))
+            for path in paths_in_repo
         ]
         return api.create_commit(
             repo_id,
@@ -138,3 +195,17 @@ def push_adapter_to_hub(
             revision=revision,
             create_pr=create_pr,
         )
+
+
+def _saved_adapter_files(folder: str, adapter_name: str) -> list[str]:
+    """Repository paths of the config and weights that ``save_pretrained`` wrote in ``folder`` for ``adapter_name``."""
+    subfolder = adapter_folder(adapter_name)
+    prefix = f"{subfolder}/" if subfolder else ""
+    found = [name for name in (CONFIG_FILE, *WEIGHT_FILES) if os.path.exists(os.path.join(folder, subfolder, name))]
+    if CONFIG_FILE not in found or len(found) < 2:
+        # Never push a repository that silently lacks an adapter the user trained.
+        raise RuntimeError(
+            f"save_pretrained wrote no {CONFIG_FILE} or no weights for adapter {adapter_name!r} in "
+            f"'{subfolder or '.'}'; nothing was uploaded."
+        )
+    return [prefix + name for name in found]

@@ -6,6 +6,7 @@ The real push code of PEFT and transformers runs; only the network calls are rep
 import io
 
 import pytest
+import torch
 import transformers
 import yaml
 from conftest import tiny_model
@@ -138,3 +139,84 @@ def test_auto_peft_model_loads_from_a_local_base_path(tmp_path):
     input_ids = torch.tensor([[2, 5, 7, 9, 3]])
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=input_ids).logits, peft_model(input_ids=input_ids).logits)
+
+
+# ---------------------------------------------------------------------------------------------------- named adapters
+LADDER = (
+    transformers.AutoModelForCausalLM,
+    "llama",
+    lambda: LadderSideConfig(task_type="CAUSAL_LM", reduction_factor=4),
+)
+THESEUS = (
+    transformers.AutoModelForSequenceClassification,
+    "bert",
+    lambda: TheseusConfig(task_type="SEQ_CLS", num_successor_layers=2),
+)
+
+
+def _perturbed(peft_model, adapter_name: str, seed: int):
+    """Move the adapter's weights away from their deterministic initialisation, so a reload proves they travelled."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if f".{adapter_name}." in f".{name}.":
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    return peft_model
+
+
+def _write(files: dict, folder) -> None:
+    for path, data in files.items():
+        target = folder.joinpath(*path.split("/"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+
+def _outputs(model, input_ids):
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+@pytest.mark.parametrize("method", [LADDER, THESEUS], ids=["ladder_side", "theseus"])
+def test_push_of_adapters_with_other_names_uploads_every_adapter(fake_hub, tmp_path, method):
+    """PEFT's layout: "default" at the top, any other adapter in a subfolder named after it; all of them uploaded."""
+    from peft import PeftModel
+
+    auto_class, family, make_config = method
+    input_ids = torch.tensor([[2, 5, 7, 9, 3]])
+    peft_model = get_peft_model(tiny_model(family, auto_class), make_config(), adapter_name="mine")
+    _perturbed(peft_model, "mine", seed=1)
+    peft_model.push_to_hub("someone/mine-only")
+    peft_model.add_adapter("default", make_config())
+    _perturbed(peft_model, "default", seed=2)
+    peft_model.push_to_hub("someone/two-adapters")
+
+    first, second = fake_hub.commits
+    assert sorted(first["files"]) == ["README.md", "mine/adapter_config.json", "mine/adapter_model.safetensors"]
+    assert sorted(second["files"]) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "mine/adapter_config.json",
+        "mine/adapter_model.safetensors",
+    ]
+    _, text = _card_metadata(first["files"]["README.md"])
+    assert 'PeftModel.from_pretrained(base, "someone/mine-only", subfolder="mine", adapter_name="mine")' in text
+    _, text = _card_metadata(second["files"]["README.md"])
+    assert 'model.load_adapter("someone/two-adapters", subfolder="mine", adapter_name="mine")' in text
+
+    # each upload reloads as its card says, and gives the outputs of the adapters pushed
+    peft_model.eval()
+    _write(first["files"], tmp_path / "first")
+    _write(second["files"], tmp_path / "second")
+    mine_only = PeftModel.from_pretrained(
+        tiny_model(family, auto_class), tmp_path / "first", subfolder="mine", adapter_name="mine"
+    ).eval()
+    both = PeftModel.from_pretrained(tiny_model(family, auto_class), tmp_path / "second").eval()
+    both.load_adapter(tmp_path / "second", subfolder="mine", adapter_name="mine")
+    for name, reloaded in (("mine", mine_only), ("default", both), ("mine", both)):
+        peft_model.set_adapter(name)
+        reloaded.set_adapter(name)
+        expected = _outputs(peft_model, input_ids)
+        assert torch.equal(_outputs(reloaded, input_ids), expected)
+        with peft_model.disable_adapter():
+            assert not torch.allclose(_outputs(peft_model, input_ids), expected)  # the adapter changes the outputs
