@@ -76,6 +76,13 @@ class ModuleTuner(BaseTuner):
         """Route ``model``'s forward through the active adapter (hooks, swapped stacks). Called after each inject."""
         raise NotImplementedError
 
+    def _active_module_changed(self) -> None:
+        """Called after every change of :attr:`active_adapter_module`: inject, set, delete, enable or disable.
+
+        Every PEFT path that changes the active adapter goes through one of those methods of this class, so a
+        subclass may hand the active module to its forward path here instead of looking it up at every call.
+        """
+
     # ------------------------------------------------------------------ PEFT hooks
     @property
     def adapter_container(self) -> AdapterModules:
@@ -118,6 +125,7 @@ class ModuleTuner(BaseTuner):
         )
         self.adapter_container.set_requires_grad_for(self.active_adapters, config.inference_mode)
         self._attach(model, adapter_name)
+        self._active_module_changed()
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         model.requires_grad_(False)
@@ -137,6 +145,7 @@ class ModuleTuner(BaseTuner):
         self.active_adapter = names[0]
         self.adapter_container._active_adapter = names
         self.adapter_container.set_requires_grad_for(names, inference_mode)
+        self._active_module_changed()
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -146,10 +155,12 @@ class ModuleTuner(BaseTuner):
         remaining = list(self.adapter_modules)
         self.active_adapter = remaining[0] if remaining else []
         self.adapter_container._active_adapter = remaining[:1]
+        self._active_module_changed()
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)  # also toggles the modules_to_save heads
         self.adapter_container._disable_adapters = not enabled
+        self._active_module_changed()
 
     @property
     def adapters_enabled(self) -> bool:

@@ -146,8 +146,12 @@ class LadderSideModel(ModuleTuner):
     def _attach(self, model: nn.Module, adapter_name: str) -> None:
         if self._router is None:
             chunked = self.peft_config[adapter_name].task_type == TaskType.CAUSAL_LM and supports_chunked_loss(model)
-            self._router = LadderRouter(model, self._plans, lambda: self.active_adapter_module, chunked_loss=chunked)
+            self._router = LadderRouter(model, self._plans, chunked_loss=chunked)
             self._router.install()
+
+    def _active_module_changed(self) -> None:
+        if self._router is not None:
+            self._router.side = self.active_adapter_module
 
     # ------------------------------------------------------------------ PEFT semantics
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:

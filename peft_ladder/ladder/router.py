@@ -65,15 +65,27 @@ SIDE_ENCODER_KEY = "ladder_side_encoder_states"
 class LadderRouter:
     """Installs and removes the forward overrides described in the module docstring."""
 
-    def __init__(self, model: nn.Module, plans: list[StackPlan], side_lookup, chunked_loss: bool):
+    def __init__(self, model: nn.Module, plans: list[StackPlan], chunked_loss: bool):
         self.model = model
         self.plans = plans
-        self._side_lookup = side_lookup  # () -> the active LadderSideNetwork, or None when disabled
+        # The active adapter's side network, or None while adapters are disabled; the tuner keeps it current.
+        self.side: LadderSideNetwork | None = None
         self.chunked_loss = chunked_loss
         self._state: contextvars.ContextVar[_CallState | None] = contextvars.ContextVar("ladder_state", default=None)
         self._bypass = 0
         self._patched: list[nn.Module] = []
         self._takes_use_cache = "use_cache" in inspect.signature(type(model).forward).parameters
+
+    def __getstate__(self) -> dict:
+        # A ContextVar cannot be copied or pickled; a copy of the model (copy.deepcopy, as TRL does for reference
+        # models) gets a fresh one.
+        state = dict(self.__dict__)
+        del state["_state"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._state = contextvars.ContextVar("ladder_state", default=None)
 
     # ------------------------------------------------------------------ the top-level model
     def _top_forward(self, original, *args, **kwargs):
@@ -177,7 +189,7 @@ class LadderRouter:
             self._bypass -= 1
 
     def _active_side(self) -> LadderSideNetwork | None:
-        return None if self._bypass else self._side_lookup()
+        return None if self._bypass else self.side
 
 
 class StackCapture:
@@ -194,7 +206,8 @@ class StackCapture:
         self._handles = []
 
     def __enter__(self) -> StackCapture:
-        layers, block_class = self.plan.layers, self.plan.block_class
+        layers = self.plan.layers
+        block_class = type(layers[0])
         last = len(layers) - 1
 
         def keep_call(index, module, args, kwargs):
