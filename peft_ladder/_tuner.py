@@ -2,7 +2,7 @@
 
 LoRA-style tuners wrap individual layers inside the base model. Ladder side-tuning (a side network) and Theseus
 (successor layers) instead own one module per adapter that does not live inside the base model. PEFT 0.21 supports
-that through "shared state" on the tuner, with several traps (see ``shared/DESIGN.md``); this module handles them once:
+that through "shared state" on the tuner, with several traps; this module handles them once:
 
 * the per-adapter modules sit in an ``nn.ModuleDict`` on a :class:`AdapterModules` container, a ``BaseTunerLayer``,
   so PEFT's state-dict selection, ``print_trainable_parameters`` and layer-status tools find them structurally;
