@@ -12,14 +12,18 @@ from conftest import tiny_model
 from torch import nn
 from torchao.quantization import Int8WeightOnlyConfig
 
-from peft_ladder import inspect_backbone, quantization
+from peft_ladder import inspect_backbone
 from peft_ladder.quantization import (
     QuantizationError,
     SchemeUnavailableError,
     dequantized_weight,
+    inspection,
     model_size_by_dtype,
     quantization_info,
     quantize,
+    schemes,
+    torch_dynamic,
+    torchao_backend,
 )
 
 CPU_SCHEMES = ("int8", "int8-dynamic", "nf4", "bf16", "fp16")
@@ -70,7 +74,7 @@ def snapshot(model: nn.Module) -> dict[str, object]:
         state[f"{name}:type"] = type(module)
         for tensor_name, tensor in [*module._parameters.items(), *module._buffers.items()]:
             if tensor is not None:
-                state[f"{name}.{tensor_name}"] = [t.clone() for t in quantization._storage_tensors(tensor)]
+                state[f"{name}.{tensor_name}"] = [t.clone() for t in inspection.storage_tensors(tensor)]
     state["info"] = quantization_info(model)
     return state
 
@@ -101,7 +105,7 @@ def test_cpu_scheme_converts_close_and_smaller(scheme, make_model):
     stacks_linears = [n for n, m in reference.named_modules() if isinstance(m, nn.Linear) and ".layer" in n]
     if scheme in ("bf16", "fp16"):
         assert info.backend == "cast" and info.converted == ()
-        assert {p.dtype for p in model.parameters()} == {quantization.CAST_SCHEMES[scheme]}
+        assert {p.dtype for p in model.parameters()} == {schemes.CAST_SCHEMES[scheme]}
     else:
         assert sorted(info.converted) == sorted(stacks_linears)
         for name in stacks_linears:
@@ -208,13 +212,13 @@ def test_failure_midway_leaves_model_unchanged(monkeypatch):
     before = snapshot(model)
     calls = []
 
-    def fail_on_fifth_layer(linear, device):
+    def fail_on_fifth_layer(scheme, linear, device):
         calls.append(linear)
         if len(calls) == 5:
             raise RuntimeError("simulated kernel failure")
-        return quantization._torchao_nf4(linear, device)
+        return torchao_backend.dispatch("nf4", linear, device)
 
-    monkeypatch.setattr(quantization, "_torch_dynamic_int8", fail_on_fifth_layer)
+    monkeypatch.setattr(torch_dynamic, "dispatch", fail_on_fifth_layer)
     with pytest.raises(QuantizationError, match="simulated kernel failure.*unchanged"):
         quantize(model, "int8-dynamic")
     assert len(calls) == 5
@@ -252,7 +256,7 @@ def test_gpu_only_schemes_on_cpu_name_scheme_and_device(scheme):
 
 
 def test_missing_package_is_named(monkeypatch):
-    monkeypatch.setattr(quantization, "_installed", lambda package: package != "torchao")
+    monkeypatch.setattr(schemes, "installed", lambda package: package != "torchao")
     with pytest.raises(SchemeUnavailableError, match="'int8' on cpu needs the package 'torchao'.*pip install torchao"):
         quantize(seq_cls_bert(), "int8")
 

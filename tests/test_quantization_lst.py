@@ -11,9 +11,9 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 from torchao.quantization import Int8WeightOnlyConfig
 
-import peft_ladder
 from peft_ladder import LadderSideConfig, quantization_info, quantize
 from peft_ladder.quantization import dequantized_weight
+from peft_ladder.quantization.inspection import storage_tensors
 
 CPU_SCHEMES = ("int8", "int8-dynamic", "nf4", "bf16")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -38,7 +38,7 @@ def lst(model, **overrides):
 def backbone_state(model: nn.Module) -> dict[str, list[torch.Tensor]]:
     """Every stored tensor of the base model (inner tensors of quantized weights included), cloned."""
     return {
-        f"{name}.{tensor_name}": [t.clone() for t in peft_ladder.quantization._storage_tensors(tensor)]
+        f"{name}.{tensor_name}": [t.clone() for t in storage_tensors(tensor)]
         for name, module in model.named_modules()
         for tensor_name, tensor in [*module._parameters.items(), *module._buffers.items()]
         if tensor is not None and "ladder_side" not in name and "modules_to_save" not in name
