@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 assets: install
 
 demo: install
-	$(PY) -m peft_ladder.demo $(DEMO_ARGS)
+	$(PY) -m benchmarks.demo $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
@@ -37,10 +37,10 @@ format: install
 	$(VENV)/bin/ruff format .
 
 bench: install
-	$(VENV)/bin/peft-ladder bench $(BENCH_ARGS)
+	$(PY) -m benchmarks.memory $(BENCH_ARGS)
 
 bench-quality: install
-	$(VENV)/bin/peft-ladder bench --quality $(BENCH_ARGS)
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

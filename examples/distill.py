@@ -14,6 +14,7 @@ distillation flags of `DistillationTrainingArguments` (``--temperature``, ``--lo
 from __future__ import annotations
 
 import os
+import pathlib
 import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -26,10 +27,13 @@ from peft_ladder import (
     DistillationTrainer,
     DistillationTrainingArguments,
     TheseusConfig,
-    assets,
     inspect_backbone,
     truncate_layers,
 )
+
+# The packaged offline model and data live in the repository's benchmarks/ (not installed): find them from here.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import assets  # noqa: E402
 
 
 @dataclass

@@ -15,6 +15,7 @@ Runs offline on the packaged SmolLM2-135M (converted once and cached) and Hamlet
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -31,7 +32,10 @@ from transformers import (
 )
 
 import peft_ladder  # peft-ladder: importing it registers LADDER_SIDE with PEFT, also needed before loading adapters
-from peft_ladder import assets
+
+# The packaged offline model and data live in the repository's benchmarks/ (not installed): find them from here.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import assets  # noqa: E402
 
 
 @dataclass

@@ -15,6 +15,7 @@ packaged MiniLM and Rotten Tomatoes (`make assets`).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -32,7 +33,10 @@ from transformers import (
 )
 
 import peft_ladder  # peft-ladder: importing it registers LADDER_SIDE with PEFT, also needed before loading adapters
-from peft_ladder import assets
+
+# The packaged offline model and data live in the repository's benchmarks/ (not installed): find them from here.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import assets  # noqa: E402
 
 
 @dataclass

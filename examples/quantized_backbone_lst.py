@@ -15,6 +15,8 @@ input gradients and gradient checkpointing, which undoes LST's memory savings.
 from __future__ import annotations
 
 import argparse
+import pathlib
+import sys
 import tempfile
 
 import torch
@@ -23,8 +25,11 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import peft_ladder
-from peft_ladder import assets
-from peft_ladder.bench import textcls
+
+# The packaged offline model and data live in the repository's benchmarks/ (not installed): find them from here.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import assets  # noqa: E402
+from benchmarks.quality import textcls  # noqa: E402
 
 
 def load_base(seed: int = 0):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -38,7 +39,10 @@ from transformers import (
 )
 
 import peft_ladder  # peft-ladder: importing it registers THESEUS with PEFT
-from peft_ladder import assets
+
+# The packaged offline model and data live in the repository's benchmarks/ (not installed): find them from here.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import assets  # noqa: E402
 
 
 @dataclass

@@ -5,7 +5,7 @@ Importing this package registers two PEFT method types, ``LADDER_SIDE`` and ``TH
 loading any adapter that was trained with it.
 """
 
-from . import _hub, assets
+from . import _hub
 from ._registry import TESTED_PEFT, TESTED_TRANSFORMERS, register
 from .backbone import BackboneInfo, LayerStack, UnsupportedModelError, inspect_backbone
 from .distill import DistillationTrainer, DistillationTrainingArguments, truncate_layers
@@ -20,7 +20,6 @@ _hub.install()
 __version__ = "0.1.0"
 
 __all__ = [
-    "assets",
     "TESTED_PEFT",
     "TESTED_TRANSFORMERS",
     "BackboneInfo",

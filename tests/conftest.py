@@ -127,7 +127,7 @@ def tiny_model(family: str, auto_class=transformers.AutoModel, seed: int = 0, **
 
 @pytest.fixture(scope="session")
 def minilm_dir():
-    from peft_ladder import assets
+    from benchmarks import assets
 
     try:
         return assets.minilm_path()
@@ -137,7 +137,7 @@ def minilm_dir():
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    from peft_ladder import assets
+    from benchmarks import assets
 
     try:
         return assets.smollm2_path()
@@ -147,7 +147,7 @@ def smollm2_dir():
 
 @pytest.fixture(scope="session")
 def rotten_tomatoes():
-    from peft_ladder import assets
+    from benchmarks import assets
 
     try:
         return assets.rotten_tomatoes()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from peft_ladder import assets
+from benchmarks import assets
 
 
 def test_rotten_tomatoes_split_is_deterministic_balanced_and_disjoint(rotten_tomatoes):

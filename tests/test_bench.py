@@ -1,11 +1,12 @@
-"""`peft-ladder bench`: the JSON schema, every CPU method reporting numbers, estimate mode, the chart, suites."""
+"""`python -m benchmarks.memory`: the JSON schema, every CPU method reporting numbers, estimate mode, the chart."""
 
 import json
 
 import pytest
 
-from peft_ladder.bench import cli, estimate, methods, presets, report
-from peft_ladder.bench.measure import CellSettings, run_cell
+from benchmarks import run
+from benchmarks.memory import bench, estimate, methods, presets, report
+from benchmarks.memory.measure import CellSettings, run_cell
 
 CPU_METHODS = ["lora", "lst", "full", "theseus", "qlora"]
 CELL_KEYS = {
@@ -27,8 +28,8 @@ CELL_KEYS = {
 
 
 def _bench(tmp_path, *extra):
-    argv = ["bench", "--model", "tiny-llama", "--seq-len", "16", "--steps", "1", "--warmup", "0"]
-    assert cli.main([*argv, "--output", str(tmp_path), *extra]) == 0
+    argv = ["--model", "tiny-llama", "--seq-len", "16", "--steps", "1", "--warmup", "0"]
+    assert bench.main([*argv, "--output", str(tmp_path), *extra]) == 0
     return json.loads((tmp_path / "bench.json").read_text())
 
 
@@ -104,13 +105,11 @@ def test_estimate_only_mode_trains_nothing(tmp_path):
 
 
 def test_gpu_suite_lists_the_headline_cells_first_and_dry_runs_on_a_tiny_preset(tmp_path):
-    assert cli.SUITES["gpu-llama3b"]["cells"][:4] == [("lora", 16), ("lst", 16), ("lora", 4), ("lst", 4)]
-    args = cli.build_parser().parse_args(
-        ["bench", "--suite", "gpu-llama3b", "--model", "tiny-llama", "--device", "cpu"]
-    )
-    settings = cli._settings(args)
+    assert bench.SUITES["gpu-llama3b"]["cells"][:4] == [("lora", 16), ("lst", 16), ("lora", 4), ("lst", 4)]
+    args = bench.build_parser().parse_args(["--suite", "gpu-llama3b", "--model", "tiny-llama", "--device", "cpu"])
+    settings = bench._settings(args)
     assert settings["seq_len"] == 768 and settings["dtype"] == "bfloat16" and settings["device"] == "cpu"
-    assert settings["cells"] == cli.SUITES["gpu-llama3b"]["cells"]
+    assert settings["cells"] == bench.SUITES["gpu-llama3b"]["cells"]
 
 
 def test_a_broken_cell_is_reported_not_raised(monkeypatch):
@@ -131,24 +130,23 @@ def test_bad_model_and_unknown_method_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="neither a preset"):
         presets.resolve(str(tmp_path / "nowhere"))
     with pytest.raises(SystemExit, match="unknown method"):
-        cli.main(["bench", "--methods", "lora,dora", "--output", str(tmp_path)])
+        bench.main(["--methods", "lora,dora", "--output", str(tmp_path)])
 
 
-def test_quality_skips_suites_that_do_not_exist(capsys):
-    assert cli.run_quality(["no_such_quality"]) == 0
-    assert "not available in this build, skipped" in capsys.readouterr().out
+def test_quality_runner_refuses_an_unknown_suite_before_running_any():
+    with pytest.raises(SystemExit, match="unknown suite"):
+        run.main(["lst_quality", "no_such_quality"])
 
 
-def test_quality_runs_each_suite_with_its_declared_arguments_and_reports_failures(monkeypatch, capsys):
+def test_quality_runner_calls_every_suite_the_same_way_and_reports_failures(monkeypatch, capsys):
     import sys
     import types
 
     calls = []
-    fake = types.ModuleType("peft_ladder.bench.fake_quality")
+    fake = types.ModuleType("benchmarks.quality.fake_quality")
     fake.main = lambda argv: calls.append(argv) or (argv == ["bad"] and sys.exit(2))
-    monkeypatch.setitem(sys.modules, "peft_ladder.bench.fake_quality", fake)
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())
-    monkeypatch.setitem(cli.QUALITY_SUITES, "fake_quality", [["good"], ["bad"]])
-    assert cli.run_quality(["fake"]) == 1
-    assert calls == [["good"], ["bad"]]
+    monkeypatch.setitem(sys.modules, "benchmarks.quality.fake_quality", fake)
+    monkeypatch.setitem(run.SUITES, "fake_quality", [["good"], ["bad"], ["good"]])
+    assert run.main(["fake_quality"]) == 1
+    assert calls == [["good"], ["bad"], ["good"]]  # the failure did not stop the third run
     assert "fake_quality failed: SystemExit: 2" in capsys.readouterr().err

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from peft_ladder.bench import textcls
+from benchmarks.quality import textcls
 
 
 def test_mean_std_and_bootstrap_ci_match_hand_computed_values():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from peft_ladder import demo
+from benchmarks import demo
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """Measure one benchmark cell: one method at one batch size. Peak memory, median step time, trainable parameters.
 
 On CUDA the cell runs in the calling process and peak memory is ``torch.cuda.max_memory_allocated`` over the training
-steps, weights included. On CPU each cell runs in a fresh subprocess (``python -m peft_ladder.bench.measure``), so
+steps, weights included. On CPU each cell runs in a fresh subprocess (``python -m benchmarks.memory.measure``), so
 that one method's freed-but-kept allocator memory never inflates the next; its peak memory is the peak resident set
 above what the process held once the model was loaded and prepared (Linux ``VmHWM``, reset through ``clear_refs``).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -17,13 +18,14 @@ import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from . import presets
-from .chunked_loss import chunked_forward_loss
-from .methods import METHODS, MethodUnavailable, trainable_parameters
+from .methods import METHODS, MethodUnavailable, trainable_parameters, training_loss
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
@@ -118,10 +120,7 @@ def run_cell(settings: CellSettings) -> CellResult:
         batch = _batch(spec, settings)
 
         def step() -> float:
-            if method.chunked_loss:
-                loss = chunked_forward_loss(model, batch["input_ids"], batch["labels"])
-            else:
-                loss = model(**batch).loss
+            loss = training_loss(model, method, batch)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -194,9 +193,13 @@ RESULT_MARKER = "PEFT_LADDER_CELL_RESULT "
 
 def run_cell_isolated(settings: CellSettings, timeout_s: float | None = None) -> CellResult:
     """:func:`run_cell` in a fresh Python process (used on CPU, where RSS is per process)."""
-    command = [sys.executable, "-m", "peft_ladder.bench.measure", json.dumps(asdict(settings))]
+    command = [sys.executable, "-m", "benchmarks.memory.measure", json.dumps(asdict(settings))]
+    # benchmarks/ is not installed: the child finds it through the repository root, wherever it is started from
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        completed = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout_s, env=dict(os.environ, PYTHONPATH=python_path)
+        )
     except subprocess.TimeoutExpired:
         return CellResult(settings.method, settings.batch_size, "error", reason=f"timed out after {timeout_s} s")
     for line in reversed(completed.stdout.splitlines()):

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-from peft_ladder import assets
+from benchmarks import assets
 
 Features = list[dict[str, list[int] | int]]
 
@@ -66,7 +66,7 @@ def tokenize_splits(
     train_examples: int | None = None,
     eval_examples: int | None = None,
 ) -> TokenizedSplits:
-    """Tokenize a :class:`peft_ladder.assets.TextClassificationSplits`, keeping the first N examples of each split.
+    """Tokenize a :class:`benchmarks.assets.TextClassificationSplits`, keeping the first N examples of each split.
 
     ``train_examples`` caps the train split; ``eval_examples`` caps validation and test alike. The asset splits are
     already shuffled with a fixed seed, so a prefix is a fixed random subset.

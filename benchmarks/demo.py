@@ -28,10 +28,11 @@ import transformers
 from peft import get_peft_model
 
 import peft_ladder
-from peft_ladder import assets
-from peft_ladder.bench import presets, textcls
-from peft_ladder.bench.measure import CellSettings, run_cell_isolated
-from peft_ladder.bench.methods import METHODS
+from benchmarks import assets
+from benchmarks.memory import presets
+from benchmarks.memory.measure import CellSettings, run_cell_isolated
+from benchmarks.memory.methods import METHODS
+from benchmarks.quality import textcls
 
 FINETUNE_METHODS = ("lst", "lora", "full")
 # Learning rates per method (LST wants about 10x a LoRA rate: shared/DESIGN.md); the quality suites tune them.

@@ -14,8 +14,8 @@ the teacher's, frozen), as in the Theseus paper, so the students differ only in 
 grouped by length (less padding, same examples). Results are cached as JSON under ``--out``: an interrupted run
 resumes where it stopped.
 
-Usage: ``python -m peft_ladder.bench.distill_quality --out runs/distill_quality`` (``--smoke`` checks the pipeline in a
-few steps). Uses only the public API of peft_ladder.
+Usage: ``python -m benchmarks.quality.distill_quality --out runs/distill_quality`` (``--smoke`` checks the pipeline
+in a few steps). Uses only the public API of peft_ladder.
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ import torch
 import transformers
 
 import peft_ladder
+from benchmarks import assets
+from benchmarks.quality import textcls
 from peft_ladder import (
     DistillationTrainer,
     DistillationTrainingArguments,
     TheseusConfig,
-    assets,
     inspect_backbone,
     truncate_layers,
 )
-from peft_ladder.bench import textcls
 
 MAX_LENGTH, BATCH_SIZE = 64, 32
 # fixed recipe: the teacher is context, not a compared method. One epoch over the first 3,200 training sentences.

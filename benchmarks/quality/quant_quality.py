@@ -11,7 +11,7 @@ Two experiments, each run with the same data and seeds for every variant, so tha
     truncated`` the first 3 layers of MiniLM fine-tuned directly), then quantized for inference. Reports accuracy,
     in-memory size and inference time of fp32 and each int8 scheme, timed interleaved in the same process.
 
-Run ``python -m peft_ladder.bench.quant_quality {lst,deploy} --help``. Results go to ``runs/quant_quality/*.json``
+Run ``python -m benchmarks.quality.quant_quality {lst,deploy} --help``. Results go to ``runs/quant_quality/*.json``
 and a markdown table on stdout. Validation accuracy is reported next to test accuracy; nothing here is tuned on
 test.
 """
@@ -32,8 +32,8 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import peft_ladder
-from peft_ladder import assets
-from peft_ladder.bench import textcls
+from benchmarks import assets
+from benchmarks.quality import textcls
 
 
 def linear_weight_bytes(model: nn.Module) -> int:

@@ -15,6 +15,7 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 
 import peft_ladder
+from peft_ladder.ladder import chunked_causal_lm_loss
 
 from .presets import ModelSpec
 
@@ -135,6 +136,20 @@ METHODS = {
     )
 }
 DEFAULT_METHODS = ("lst", "lora", "full")
+
+
+def training_loss(model: torch.nn.Module, method: Method, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss one training step of ``method`` backpropagates.
+
+    With ``chunked_loss`` the (PEFT-wrapped) ``*ForCausalLM`` body runs alone and the next-token loss goes through
+    its LM head in checkpointed chunks (``peft_ladder.ladder.chunked_causal_lm_loss``, as LST's own training does),
+    so the full logits never exist.
+    """
+    if not method.chunked_loss:
+        return model(**batch).loss
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden_states = causal_lm.base_model(input_ids=batch["input_ids"]).last_hidden_state
+    return chunked_causal_lm_loss(hidden_states, batch["labels"], causal_lm.get_output_embeddings())
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:

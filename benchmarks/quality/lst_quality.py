@@ -2,7 +2,7 @@
 
 Protocol (declared before any run):
 
-* data: the fixed ``peft_ladder.assets.rotten_tomatoes()`` split; the first ``TRAIN_EXAMPLES`` training sentences,
+* data: the fixed ``benchmarks.assets.rotten_tomatoes()`` split; the first ``TRAIN_EXAMPLES`` training sentences,
   the 1,000 validation and 1,000 test sentences; max length 64, batch 32, ``STEPS`` optimizer steps for every method
   (the same step budget), AdamW, linear decay, no warm-up;
 * budgets: the CPU protocol is 100 steps on 3,200 sentences (one pass; what a shared 2-core CPU allows); the GPU
@@ -17,7 +17,7 @@ Protocol (declared before any run):
 Each run's result is cached as JSON under ``--out``, so an interrupted benchmark resumes where it stopped; runs are
 ordered so that the main comparison finishes first. Uses only the public API (``import peft_ladder``).
 
-Usage: ``python -m peft_ladder.bench.lst_quality --out runs/lst_quality`` then ``--report`` to print the table.
+Usage: ``python -m benchmarks.quality.lst_quality --out runs/lst_quality`` then ``--report`` to print the table.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import peft
 import torch
 import transformers
 
-from peft_ladder import LadderSideConfig, assets
-from peft_ladder.bench.textcls import (
+from benchmarks import assets
+from benchmarks.quality.textcls import (
     bootstrap_ci,
     evaluate,
     format_mean_std,
@@ -40,6 +40,7 @@ from peft_ladder.bench.textcls import (
     tokenize_splits,
     train,
 )
+from peft_ladder import LadderSideConfig
 
 GRIDS = {
     "lst": (1e-3, 3e-3, 1e-2),
@@ -100,7 +101,7 @@ def choose_lr(method: str, data, out: pathlib.Path, **variant) -> float:
     return max(results, key=lambda r: r["validation"])["lr"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     global STEPS, MODEL_DIR
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/lst_quality")
@@ -110,7 +111,7 @@ def main() -> None:
     parser.add_argument("--train-examples", type=int, default=TRAIN_EXAMPLES, help="training sentences used")
     parser.add_argument("--model-dir", type=pathlib.Path, help="a copy of all-MiniLM-L6-v2 (default: installed)")
     parser.add_argument("--data-json", type=pathlib.Path, help="splits from textcls.write_splits_json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     STEPS, MODEL_DIR = args.steps, args.model_dir
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Protocol (declared before any run):
 
-* data: ``peft_ladder.assets.hamlet_text()`` tokenised once and cut into blocks of ``BLOCK`` tokens; the first 80% of
+* data: ``benchmarks.assets.hamlet_text()`` tokenised once and cut into blocks of ``BLOCK`` tokens; the first 80% of
   the blocks train, the next 10% are validation, the last 10% test (contiguous, so no test line is trained on);
 * budget: ``STEPS`` AdamW steps of ``BATCH`` blocks for both methods, linear decay, no warm-up, fp32 on the CPU;
 * LST: ``LadderSideConfig`` defaults (r=8, pruned init, ``output_mode="add"``, so step 0 is the base model);
@@ -12,7 +12,7 @@ Protocol (declared before any run):
 
 Each run is cached as JSON under ``--out``, so an interrupted benchmark resumes. Uses only the public API.
 
-Usage: ``python -m peft_ladder.bench.lst_clm_quality --out runs/lst_clm_quality`` (``--report`` prints the table).
+Usage: ``python -m benchmarks.quality.lst_clm_quality --out runs/lst_clm_quality`` (``--report`` prints the table).
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import peft
 import torch
 import transformers
 
-from peft_ladder import LadderSideConfig, assets
-from peft_ladder.bench.textcls import format_mean_std
+from benchmarks import assets
+from benchmarks.quality.textcls import format_mean_std
+from peft_ladder import LadderSideConfig
 
 # Declared grids. The first run (2026-11-28) found both methods' best rate at the top of their grid, so each grid was
 # extended by one rate upward (LST 1e-2, LoRA 3e-3) before any further run; the earlier points are unchanged.

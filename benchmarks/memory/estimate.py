@@ -29,7 +29,7 @@ import transformers
 
 from . import presets
 from .measure import DTYPES
-from .methods import METHODS, MethodUnavailable
+from .methods import METHODS, MethodUnavailable, training_loss
 
 FUSED_ATTENTION = "peft_ladder_fused_estimate"
 
@@ -126,12 +126,7 @@ def _kept_tensors(model, batch: dict[str, torch.Tensor], method) -> list[torch.T
         torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True),
         torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
     ):
-        if method.chunked_loss:
-            from .chunked_loss import chunked_forward_loss
-
-            chunked_forward_loss(model, batch["input_ids"], batch["labels"])
-        else:
-            model(**batch)
+        training_loss(model, method, batch)
     return list(kept.values())
 
 

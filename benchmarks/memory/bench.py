@@ -1,11 +1,10 @@
-"""``peft-ladder bench``: peak memory, step time and trainable parameters of each method on the same inputs.
+"""Peak memory, step time and trainable parameters of each method on the same inputs.
 
 Examples::
 
-    peft-ladder bench --model bert-base --methods lst,lora,full --batch-sizes 8,32 --seq-len 128 --plot
-    peft-ladder bench --model tiny-llama --steps 1 --estimate
-    peft-ladder bench --suite gpu-llama3b            # the Llama-3.2-3B-shaped GPU comparison (see gpu_llama3b.sh)
-    peft-ladder bench --quality                      # the accuracy suites of the LST/Theseus/distill/quant issues
+    python -m benchmarks.memory --model bert-base --methods lst,lora,full --batch-sizes 8,32 --seq-len 128 --plot
+    python -m benchmarks.memory --model tiny-llama --steps 1 --estimate
+    python -m benchmarks.memory --suite gpu-llama3b     # the Llama-3.2-3B-shaped GPU comparison (gpu_llama3b.sh)
 
 Every cell (one method at one batch size) is written to ``<output>/bench.json`` as soon as it finishes, so a run that
 is cut short keeps the figures it has.
@@ -14,9 +13,6 @@ is cut short keeps the figures it has.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
-import inspect
 import sys
 import time
 from dataclasses import asdict
@@ -26,15 +22,6 @@ import torch
 
 from . import presets, report
 from .methods import DEFAULT_METHODS, METHODS
-
-# Each quality suite (added by its method's issue) and the argument lists it runs with: its defaults are the declared
-# grids, seeds and splits. quant_quality has two experiments.
-QUALITY_SUITES = {
-    "lst_quality": [[]],
-    "theseus_quality": [[]],
-    "distill_quality": [[]],
-    "quant_quality": [["lst"], ["deploy"]],
-}
 
 # The GPU comparison: Llama-3.2-3B shape, bf16, sequence 768, AdamW. Cells in priority order: a run cut short still
 # has the headline comparison (LoRA vs LST at batch 16, then at batch 4) before the extra baselines.
@@ -73,58 +60,28 @@ def _csv(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peft-ladder", description="peft-ladder tools.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    bench = commands.add_parser("bench", help="memory/speed benchmark, memory estimate, quality suites")
-    bench.add_argument("--model", default=None, help=f"a preset ({', '.join(presets.PRESETS)}) or a local checkpoint")
-    bench.add_argument("--methods", type=_csv, default=None, help=f"comma list of {', '.join(METHODS)}")
-    bench.add_argument("--batch-sizes", type=lambda s: [int(x) for x in _csv(s)], default=None)
-    bench.add_argument("--seq-len", type=int, default=None)
-    bench.add_argument("--dtype", choices=["float32", "bfloat16", "fp32", "bf16"], default=None)
-    bench.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    bench.add_argument("--steps", type=int, default=None, help="timed steps per cell (median reported)")
-    bench.add_argument("--warmup", type=int, default=None, help="untimed steps before timing")
-    bench.add_argument("--baseline", default="lora", help="method the ratios divide by (default lora)")
-    bench.add_argument("--output", type=Path, default=None, help="output directory (default runs/bench-<time>)")
-    bench.add_argument("--plot", action="store_true", help="also write bench.png")
-    bench.add_argument("--estimate", action="store_true", help="predict each cell's peak memory from the config")
-    bench.add_argument("--no-measure", action="store_true", help="with --estimate: predict only, train nothing")
-    bench.add_argument(
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help=f"a preset ({', '.join(presets.PRESETS)}) or a local checkpoint")
+    parser.add_argument("--methods", type=_csv, default=None, help=f"comma list of {', '.join(METHODS)}")
+    parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in _csv(s)], default=None)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "fp32", "bf16"], default=None)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per cell (median reported)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps before timing")
+    parser.add_argument("--baseline", default="lora", help="method the ratios divide by (default lora)")
+    parser.add_argument("--output", type=Path, default=None, help="output directory (default runs/bench-<time>)")
+    parser.add_argument("--plot", action="store_true", help="also write bench.png")
+    parser.add_argument("--estimate", action="store_true", help="predict each cell's peak memory from the config")
+    parser.add_argument("--no-measure", action="store_true", help="with --estimate: predict only, train nothing")
+    parser.add_argument(
         "--in-process",
         action="store_true",
         help="on CPU, no fresh subprocess per cell (faster; RSS figures unreliable)",
     )
-    bench.add_argument("--suite", choices=list(SUITES), help="a predefined comparison; other flags override it")
-    bench.add_argument("--cell-timeout", type=float, default=None, help="seconds per CPU cell before giving up")
-    bench.add_argument("--quality", action="store_true", help="run the accuracy suites instead")
-    bench.add_argument("--suites", type=_csv, default=None, help=f"with --quality: any of {', '.join(QUALITY_SUITES)}")
+    parser.add_argument("--suite", choices=list(SUITES), help="a predefined comparison; other flags override it")
+    parser.add_argument("--cell-timeout", type=float, default=None, help="seconds per CPU cell before giving up")
     return parser
-
-
-def run_quality(names: list[str] | None) -> int:
-    """Run each quality suite's ``main`` with its declared arguments; a suite not built yet is skipped, said so."""
-    failures = 0
-    for name in names or list(QUALITY_SUITES):
-        name = name if name.endswith("_quality") else name + "_quality"
-        module_name = f"peft_ladder.bench.{name}"
-        if importlib.util.find_spec(module_name) is None:
-            print(f"[quality] {module_name}: not available in this build, skipped")
-            continue
-        suite_main = importlib.import_module(module_name).main
-        for suite_argv in QUALITY_SUITES.get(name, [[]]):
-            print(f"[quality] running {module_name} {' '.join(suite_argv)}", flush=True)
-            saved_argv = sys.argv
-            sys.argv = [module_name, *suite_argv]  # for suites whose main() takes no argv and parses sys.argv
-            try:
-                suite_main(list(suite_argv)) if inspect.signature(suite_main).parameters else suite_main()
-            except (Exception, SystemExit) as error:  # one broken suite must not hide the others' results
-                if isinstance(error, SystemExit) and not error.code:
-                    continue
-                failures += 1
-                print(f"[quality] {module_name} failed: {type(error).__name__}: {error}", file=sys.stderr)
-            finally:
-                sys.argv = saved_argv
-    return 1 if failures else 0
 
 
 def _settings(args) -> dict:
@@ -172,7 +129,7 @@ def run_bench(args) -> dict:
     }
     on_cuda = settings["device"].startswith("cuda")
     print(
-        f"peft-ladder bench: {spec.name} ({spec.task}), {settings['dtype']}, seq {settings['seq_len']}, "
+        f"benchmarks.memory: {spec.name} ({spec.task}), {settings['dtype']}, seq {settings['seq_len']}, "
         f"{settings['device']} [{document['environment']['hardware']}] -> {json_path}",
         flush=True,
     )
@@ -231,8 +188,6 @@ def run_bench(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.quality:
-        return run_quality(args.suites)
     document = run_bench(args)
     return 1 if any(cell["status"] == "error" for cell in document["cells"]) else 0
 

@@ -12,7 +12,7 @@ Stages (each run's result is cached as JSON under ``--out``, so an interrupted b
 4. speed: CPU inference of the predecessor (6 layers) and the extracted successor (3 layers), interleaved in one
    run, median of several repeats.
 
-Usage: ``python -m peft_ladder.bench.theseus_quality --out runs/theseus_quality`` (add ``--stage speed`` etc.).
+Usage: ``python -m benchmarks.quality.theseus_quality --out runs/theseus_quality`` (add ``--stage speed`` etc.).
 Uses only the public API of peft_ladder.
 """
 
@@ -30,8 +30,9 @@ import torch
 import transformers
 
 import peft_ladder
-from peft_ladder import TheseusConfig, assets
-from peft_ladder.bench.textcls import splits_from_json
+from benchmarks import assets
+from benchmarks.quality.textcls import splits_from_json
+from peft_ladder import TheseusConfig
 
 # The grids, declared before any run. The predecessor gets no grid on the shared CPU: 1e-4 is the rate of the
 # calibration run in shared/ASSETS.md (pass more rates with --predecessor-lrs where compute allows).

@@ -1,0 +1,1 @@
+"""Quality suites: accuracy and perplexity of each method under declared protocols."""
