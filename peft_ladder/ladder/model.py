@@ -26,7 +26,7 @@ from .._tuner import ModuleTuner
 from ..backbone import BackboneInfo, inspect_backbone
 from .init import pruned_init_, trace_block_steps
 from .router import LadderRouter, supports_chunked_loss
-from .side_builder import StackPlan, build_side_network, plan_stacks
+from .side_builder import StackPlan, build_side_network, check_finite, plan_stacks
 from .side_network import LadderSideNetwork
 
 # Which model classes can serve which task type (class names from transformers' auto mappings).
@@ -99,6 +99,7 @@ class LadderSideModel(ModuleTuner):
             if self._block_steps is None:
                 self._block_steps = self._trace(model, info, plans)
             pruned_init_(network, plans, self._block_steps, model)
+        check_finite(network)
         if config.compile_side:
             for stack in network.stacks:
                 for block in stack.blocks:

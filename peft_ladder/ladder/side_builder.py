@@ -9,7 +9,9 @@ Per backbone layer stack (one for encoders and decoders, encoder + decoder for s
   side width; a side final norm of the backbone norm's class; a rotary embedding at the side head dim:
   :func:`build_side_network`.
 
-Weights start at the block class's own initialisation; :mod:`.init` then prunes the backbone into them.
+Side blocks and the side final norm start at the family's own initialisation (the backbone's ``_init_weights``,
+applied with the side-width config, so every parameter is set, fused expert tensors included); :mod:`.init` then
+prunes the backbone into them unless ``init="random"``.
 """
 
 from __future__ import annotations
@@ -96,12 +98,16 @@ def build_side_network(
         if plan.rel_embeddings_owner is not None:
             table = plan.rel_embeddings_owner.get_rel_embedding()
             rel = torch.randn(table.shape[0], shape.hidden_size) * 0.02
+        side_final_norm = _side_final_norm(plan.final_norm, shape.hidden_size, base_config)
+        family_init_(
+            plan.body if hasattr(plan.body, "_init_weights") else model, side_config, [*blocks, side_final_norm]
+        )
         stack = SideStack(
             backbone_width=info.hidden_size,
             side_width=shape.hidden_size,
             tapped_layers=layer_indices,
             blocks=blocks,
-            final_norm=_side_final_norm(plan.final_norm, shape.hidden_size, base_config),
+            final_norm=side_final_norm,
             output_mode=output_mode,
             dropout=config.side_dropout,
             gate_init=config.gate_init,
@@ -115,6 +121,40 @@ def build_side_network(
         stacks.append(stack)
         rotaries.append(type(rotary_module)(config=side_config) if rotary_module is not None else None)
     return LadderSideNetwork(stacks, rotaries)
+
+
+@torch.no_grad()
+def family_init_(pretrained: nn.Module, side_config, modules: list[nn.Module]) -> None:
+    """Initialise ``modules`` as the family initialises a fresh model of ``side_config``.
+
+    Blocks leave some parameters uninitialised (``torch.empty``: Mixtral's fused experts) and rely on the model's
+    ``_init_weights``, which reads its widths and scales from ``self.config``; a shallow copy of the backbone model
+    with the side config stands in for a side-width model.
+    """
+    if not hasattr(pretrained, "_init_weights"):
+        return
+    side_model = copy.copy(pretrained)
+    side_model.config = side_config
+    for root in modules:
+        for module in root.modules():
+            if any(p.is_meta for p in module.parameters(recurse=False)):
+                continue
+            try:
+                side_model._init_weights(module)
+            except Exception:  # a family init that cannot handle a side-width module: the class's own init stays
+                continue
+
+
+def check_finite(network: nn.Module) -> None:
+    """Refuse a side network with NaN or infinite weights (an initialisation that left memory uninitialised)."""
+    bad = [name for name, p in network.named_parameters() if not p.is_meta and not torch.isfinite(p).all()]
+    if bad:
+        raise RuntimeError(
+            f"The side network has non-finite weights after initialisation ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}): this family's blocks leave these parameters uninitialised and its "
+            "own weight initialisation did not set them. Pass side_block='generic' in LadderSideConfig, and report "
+            "the family."
+        )
 
 
 def build_side_block(block_class: type[nn.Module], side_config, layer_idx: int) -> nn.Module:
