@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
-import io
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -273,16 +276,41 @@ def test_transformers_quantized_model_is_refused():
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int8-dynamic", "nf4"])
-def test_state_dict_round_trip(scheme):
+def test_state_dict_round_trip_loads_without_unpickling_code(tmp_path, scheme):
+    """The documented save path for schemes without safetensors: torch.save, then torch.load(weights_only=True)."""
     model = quantize(seq_cls_bert(), scheme)
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    buffer.seek(0)
+    torch.save(model.state_dict(), tmp_path / "quantized.pt")
 
     fresh = quantize(seq_cls_bert(seed=1), scheme)  # same architecture, different weights
-    fresh.load_state_dict(torch.load(buffer, weights_only=False), assign=True)
     input_ids = batch()
+    assert not torch.equal(logits_of(fresh, input_ids), logits_of(model, input_ids))
+    fresh.load_state_dict(torch.load(tmp_path / "quantized.pt", weights_only=True), assign=True)
     assert torch.equal(logits_of(fresh, input_ids), logits_of(model, input_ids))
+    assert type(fresh.bert.encoder.layer[0].output.dense) is type(model.bert.encoder.layer[0].output.dense)
+
+
+def test_nf4_state_dict_loads_safely_in_a_new_process(tmp_path):
+    """The documented code alone (quantize a fresh copy, then torch.load with weights_only=True) loads the file: the
+    new process imports nothing more than that code does, so nothing else allow-lists torchao's NF4Tensor."""
+    model = quantize(seq_cls_bert(), "nf4")
+    torch.save(model.state_dict(), tmp_path / "quantized.pt")
+    torch.save(batch(), tmp_path / "input_ids.pt")
+    script = f"""
+import sys, torch, transformers
+sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+from conftest import tiny_model
+from peft_ladder import quantize
+fresh = quantize(tiny_model("bert", transformers.AutoModelForSequenceClassification, seed=1, num_labels=8), "nf4")
+fresh.load_state_dict(torch.load({str(tmp_path / "quantized.pt")!r}, weights_only=True), assign=True)
+with torch.no_grad():
+    logits = fresh(input_ids=torch.load({str(tmp_path / "input_ids.pt")!r}, weights_only=True)).logits
+torch.save(logits, {str(tmp_path / "logits.pt")!r})
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reloaded_logits = torch.load(tmp_path / "logits.pt", weights_only=True)
+    assert torch.equal(reloaded_logits, logits_of(model, batch()))
 
 
 @pytest.mark.parametrize("scheme,backend", [("int8", None), ("int8-dynamic", "torchao")])

@@ -44,7 +44,13 @@ def test_theseus_successor_quantizes_for_deployment(tmp_path, scheme):
         reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
     else:  # quantize_dynamic and NF4Tensor: state_dict into a copy of the successor quantized the same way
         torch.save(quantized.state_dict(), tmp_path / "quantized.pt")
-        reloaded = quantize(copy.deepcopy(successor), scheme)
-        reloaded.load_state_dict(torch.load(tmp_path / "quantized.pt", weights_only=False), assign=True)
+        other = copy.deepcopy(successor)  # same architecture, other weights: the load must bring the saved ones
+        with torch.no_grad():
+            for param in other.parameters():
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
+        reloaded = quantize(other, scheme)
+        with torch.no_grad():
+            assert not torch.equal(reloaded(**inputs).logits, actual)
+        reloaded.load_state_dict(torch.load(tmp_path / "quantized.pt", weights_only=True), assign=True)
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, actual)

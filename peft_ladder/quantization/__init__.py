@@ -29,10 +29,13 @@ What can be saved, and how:
   quantized model, as for a model loaded with ``TorchAoConfig`` (needs torchao at load time).
 * ``nf4`` on CPU (torchao ``NF4Tensor``): no safetensors, no ``save_pretrained``. ``torch.save(model.state_dict())``,
   then ``quantize`` a fresh copy of the same base model the same way and
-  ``load_state_dict(torch.load(path, weights_only=False), assign=True)``.
+  ``load_state_dict(torch.load(path, weights_only=True), assign=True)``. ``weights_only=True`` unpickles tensors and
+  allow-listed types only, never code: torchao allow-lists its tensor subclasses (``NF4Tensor``, ``Int8Tensor``...)
+  with ``torch.serialization.add_safe_globals`` when imported, which quantizing the fresh copy has done.
 * ``int8-dynamic`` on CPU (``quantize_dynamic``): packed fbgemm weights. No safetensors, no ``save_pretrained`` /
   ``from_pretrained`` (``save_pretrained`` fails inside safetensors). The same ``torch.save(state_dict)`` round trip
-  into a fresh copy quantized the same way works; or pass ``backend="torchao"`` for a saveable model.
+  with ``weights_only=True`` works (its weights are plain quantized tensors, which PyTorch always allows); or pass
+  ``backend="torchao"`` for a saveable model.
 * ``nf4`` with bitsandbytes (CUDA): ``quantize`` records no transformers config for it (untested in this release);
   for a saveable 4-bit model, load it with ``BitsAndBytesConfig``, which transformers saves and reloads.
 
