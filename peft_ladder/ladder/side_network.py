@@ -30,7 +30,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache, StaticLayer
+from transformers.cache_utils import (
+    Cache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    EncoderDecoderCache,
+    StaticLayer,
+    StaticSlidingWindowLayer,
+)
 
 
 @dataclass
@@ -106,7 +113,7 @@ class SideStack(nn.Module):
                 side block k gets the same ones, at side width (:func:`side_block_kwargs`).
             side_inputs: the side-width replacements, computed once for the stack.
         """
-        reserve_side_slots(find_cache(layer_calls[0]), self.backbone_depth, len(self.blocks))
+        reserve_side_slots(find_cache(layer_calls[0]), self.backbone_depth, self.tapped_layers)
         hidden = self.dropout(self.stream_down(stream_input))
         mu = self.gates().to(hidden.dtype)
         for k, (ladder, block) in enumerate(zip(self.ladders, self.blocks)):
@@ -209,8 +216,10 @@ class UnsupportedCacheError(TypeError):
     """A cache type whose layer slots we cannot extend for the side network."""
 
 
-def reserve_side_slots(cache: Cache | None, first_slot: int, count: int) -> None:
-    """Make sure ``cache`` has layer slots ``first_slot .. first_slot + count - 1`` for the side blocks.
+def reserve_side_slots(cache: Cache | None, first_slot: int, mirrored_layers: list[int]) -> None:
+    """Make sure ``cache`` has layer slots ``first_slot + k`` for the side blocks, each of the kind of the backbone
+    slot ``mirrored_layers[k]`` it sits beside (a sliding-window layer beside a sliding-window layer, so that the
+    backbone's attention mask for that layer fits the side block's keys too).
 
     The slots are appended when the side network first runs on a cache; the backbone never reads beyond its own.
     """
@@ -222,19 +231,33 @@ def reserve_side_slots(cache: Cache | None, first_slot: int, count: int) -> None
         else [cache]
     )
     for part in parts:
-        while len(part.layers) < first_slot + count:
-            part.layers.append(_new_layer_like(part))
+        while len(part.layers) < first_slot + len(mirrored_layers):
+            slot = len(part.layers)
+            source = mirrored_layers[slot - first_slot] if slot >= first_slot else 0
+            part.layers.append(_new_layer_like(part, source))
 
 
-def _new_layer_like(cache: Cache):
+# A fresh, empty layer of the same kind as a backbone layer, for the cache layer types generation uses. Exact types:
+# a subclass (quantized, indexed) is not silently given plain storage.
+_FRESH_LAYER = {
+    DynamicLayer: lambda layer: DynamicLayer(),
+    DynamicSlidingWindowLayer: lambda layer: DynamicSlidingWindowLayer(sliding_window=layer.sliding_window),
+    StaticLayer: lambda layer: StaticLayer(max_cache_len=layer.max_cache_len),
+    # its max_cache_len is already min(window, length): keep that size
+    StaticSlidingWindowLayer: lambda layer: StaticSlidingWindowLayer(
+        max_cache_len=layer.max_cache_len, sliding_window=layer.max_cache_len
+    ),
+}
+
+
+def _new_layer_like(cache: Cache, source: int):
     if cache.layer_class_to_replicate is not None:
         return cache.layer_class_to_replicate()
-    template = cache.layers[0] if cache.layers else None
-    if isinstance(template, StaticLayer):  # also the sliding-window variant: side slots keep every position
-        return StaticLayer(max_cache_len=template.max_cache_len)
-    if isinstance(template, DynamicLayer):
-        return DynamicLayer()
-    raise UnsupportedCacheError(
-        f"Ladder side-tuning cannot add its side layers to a {type(cache).__name__} whose layers are "
-        f"{type(template).__name__}. Generate with the default DynamicCache (pass no cache) or a StaticCache."
-    )
+    template = cache.layers[source] if source < len(cache.layers) else (cache.layers[0] if cache.layers else None)
+    fresh = _FRESH_LAYER.get(type(template))
+    if fresh is None:
+        raise UnsupportedCacheError(
+            f"Ladder side-tuning cannot add its side layers to a {type(cache).__name__} whose layers are "
+            f"{type(template).__name__}. Generate with the default DynamicCache (pass no cache) or a StaticCache."
+        )
+    return fresh(template)
