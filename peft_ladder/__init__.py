@@ -9,6 +9,7 @@ from . import _hub
 from ._registry import TESTED_PEFT, TESTED_TRANSFORMERS, register
 from .backbone import BackboneInfo, LayerStack, UnsupportedModelError, inspect_backbone
 from .distill import DistillationTrainer, DistillationTrainingArguments, truncate_layers
+from .estimate import MemoryEstimate, estimate_memory
 from .ladder import LadderGateLogger, LadderSideConfig, LadderSideModel, compile_side_network, fisher_init_
 from .quantization import QuantizationError, SchemeUnavailableError, model_size_by_dtype, quantization_info, quantize
 from .theseus import TheseusCallback, TheseusConfig, TheseusModel
@@ -29,6 +30,7 @@ __all__ = [
     "LadderSideConfig",
     "LadderSideModel",
     "LayerStack",
+    "MemoryEstimate",
     "QuantizationError",
     "SchemeUnavailableError",
     "TheseusCallback",
@@ -36,6 +38,7 @@ __all__ = [
     "TheseusModel",
     "UnsupportedModelError",
     "compile_side_network",
+    "estimate_memory",
     "fisher_init_",
     "inspect_backbone",
     "model_size_by_dtype",

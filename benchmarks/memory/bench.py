@@ -136,11 +136,9 @@ def run_bench(args) -> dict:
     for method, batch_size in settings["cells"]:
         cell = {"method": method, "batch_size": batch_size, "status": "ok"}
         if args.estimate:
-            estimate = asdict(
-                estimate_cell(settings["model"], method, batch_size, settings["seq_len"], settings["dtype"])
-            )
+            estimate = estimate_cell(settings["model"], method, batch_size, settings["seq_len"], settings["dtype"])
             # CUDA's max_memory_allocated includes the weights; the CPU figure is RSS above the loaded model.
-            estimate["compared_bytes"] = estimate["peak_bytes"] if on_cuda else estimate["peak_above_model_bytes"]
+            estimate["compared_bytes"] = estimate.get("peak_bytes" if on_cuda else "peak_above_model_bytes")
             cell["estimate"] = estimate
         cell["estimate_error"] = None
         if not args.no_measure:
