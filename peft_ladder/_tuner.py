@@ -108,6 +108,9 @@ class ModuleTuner(BaseTuner):
     ) -> None:
         config = self.peft_config[adapter_name]
         # Build first: every validation error is raised here, before the model or the tuner changes.
+        if hasattr(config, "check_fields"):  # fields may have been set after the config was built
+            config.check_fields()
+        _check_modules_to_save_exist(model, config)
         _check_heads_trainable(model, config.modules_to_save or [])
         module = self._build_adapter_module(model, config, adapter_name)
         is_first_adapter = len(self.adapter_modules) == 0
@@ -123,6 +126,10 @@ class ModuleTuner(BaseTuner):
             adapter_name=adapter_name,
             activate_adapter=adapter_name in self.active_adapters,
         )
+        # The container reports the active adapter to PEFT's get_layer_status / get_model_status.
+        self.adapter_container._active_adapter = [
+            name for name in self.active_adapters if name in self.adapter_modules
+        ]
         self.adapter_container.set_requires_grad_for(self.active_adapters, config.inference_mode)
         self._attach(model, adapter_name)
         self._active_module_changed()
@@ -182,6 +189,37 @@ class ModuleTuner(BaseTuner):
         if own in key:
             return key.replace(own, f".{cls.adapter_attribute}.", 1)
         return super()._remove_adapter_name_from_key(key, adapter_name)
+
+
+# Head names PEFT's task-type wrappers add to modules_to_save themselves, whether or not the model has them
+# (PeftModelForSequenceClassification adds both "classifier" and "score").
+TASK_HEAD_NAMES = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+def _check_modules_to_save_exist(model: nn.Module, config) -> None:
+    """Every ``modules_to_save`` name must name a module of ``model``, by PEFT's rule (the end of its dotted name).
+
+    Otherwise PEFT trains and saves nothing for it, silently.
+    """
+    task_type = getattr(config.task_type, "value", config.task_type)
+    added_by_peft = TASK_HEAD_NAMES.get(task_type, ())
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [
+        key
+        for key in config.modules_to_save or []
+        if key not in added_by_peft and not any(name.endswith(key) for name in names)
+    ]
+    if missing:
+        top_level = [name for name, _ in model.named_children()]
+        raise ValueError(
+            f"modules_to_save names {missing}, which match no module of {type(model).__name__}. Name each by its "
+            f"attribute name or the end of its dotted path (e.g. 'classifier', 'score', 'lm_head'); the model's "
+            f"top-level modules are {top_level}. The model is unchanged."
+        )
 
 
 def _check_heads_trainable(model: nn.Module, modules_to_save: list[str]) -> None:

@@ -365,7 +365,7 @@ def test_several_adapters_switch_and_delete():
         (lambda: TheseusConfig(num_successor_layers=5), "more than the 4 layers"),
         (lambda: TheseusConfig(num_successor_layers=0), "at least one layer"),
         (lambda: TheseusConfig(replacing_rate=1.5), r"\[0, 1\]"),
-        (lambda: TheseusConfig(scheduler="cosine"), "Unknown scheduler"),
+        (lambda: TheseusConfig(scheduler="cosine"), "scheduler must be one of .constant., .linear."),
         (lambda: TheseusConfig(num_successor_layers=1, layers_path="bert.pooler"), "not an nn.ModuleList"),
     ],
 )

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType, TaskType
 
+from .. import _config_checks as checks
 from .._registry import LOADING_NOTE
 
 INIT_METHODS = ("pruned", "fisher", "random")
 OUTPUT_MODES = ("replace", "add")
+SIDE_BLOCKS = ("backbone", "generic")
+# Fields the saved weights depend on: a saved config without them must not silently fall back to the defaults.
+FIELDS_THE_WEIGHTS_NEED = ("reduction_factor", "side_layers")
 # Default output_mode for classification and feature extraction (see the output_mode docstring for why).
 DEFAULT_CLASSIFICATION_OUTPUT_MODE = "add"
 
@@ -60,7 +65,8 @@ class LadderSideConfig(PeftConfig):
             encoder-decoder models) when automatic discovery cannot find it.
         modules_to_save (`Optional[list[str]]`):
             Extra modules trained and saved with the adapter, typically a freshly initialised classification head
-            (`["classifier"]`, `["score"]`). PEFT adds the task type's head automatically for `SEQ_CLS`.
+            (`["classifier"]`, `["score"]`). PEFT adds the task type's head automatically for `SEQ_CLS`. Each name
+            must match a module of the model (its name or the end of its dotted path), or creating the adapter fails.
         side_block (`str`):
             `"backbone"` (default): side blocks are the backbone's own block class at side width. `"generic"`: a plain
             pre-norm transformer block (used automatically, with a warning, when the family's block cannot be built at
@@ -72,7 +78,15 @@ class LadderSideConfig(PeftConfig):
             Defaults to `False`.
         backbone_shape (`Optional[dict]`):
             Filled in when the adapter is created (model type, hidden size, layers per stack) and checked when it is
-            loaded, so that loading onto a base model of another shape fails with both shapes named. Not set by users.
+            loaded, so that loading onto a base model of another type or shape fails with both named. Not set by
+            users.
+        allow_other_model_type (`bool`):
+            Read when a saved adapter is loaded: `True` lets it load onto a base model of another `model_type` than
+            the one it was trained on (recorded in `backbone_shape`), provided the shapes match; the side blocks are
+            then the new family's blocks holding the old family's weights, which is only meaningful for families
+            with the same block layout. Defaults to `False`: such a load fails and names both types. Set it on the
+            loaded config: `config = LadderSideConfig.from_pretrained(path)`,
+            `config.allow_other_model_type = True`, then `PeftModel.from_pretrained(model, path, config=config)`.
         loading_note (`str`):
             Written into `adapter_config.json` so that someone who hits PEFT's bare `KeyError('LADDER_SIDE')` finds
             the fix next to the type name. Not used at runtime.
@@ -105,27 +119,89 @@ class LadderSideConfig(PeftConfig):
     backbone_shape: Optional[dict] = field(
         default=None, metadata={"help": "Recorded base-model shape (set automatically, checked on load)."}
     )
+    allow_other_model_type: bool = field(
+        default=False, metadata={"help": "Load onto a base model of another model_type (shapes must still match)."}
+    )
     loading_note: str = field(default=LOADING_NOTE, metadata={"help": "How to load this adapter."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.LADDER_SIDE
-        if not isinstance(self.reduction_factor, int) or self.reduction_factor < 1:
-            raise ValueError(f"reduction_factor must be a positive integer, got {self.reduction_factor!r}.")
-        if self.gate_temperature <= 0:
-            raise ValueError(f"gate_temperature must be > 0, got {self.gate_temperature}.")
-        if self.init not in INIT_METHODS:
-            raise ValueError(f"init must be one of {INIT_METHODS}, got {self.init!r}.")
-        if self.output_mode is not None and self.output_mode not in OUTPUT_MODES:
-            raise ValueError(f"output_mode must be one of {OUTPUT_MODES} or None, got {self.output_mode!r}.")
-        if not 0.0 <= self.side_dropout < 1.0:
-            raise ValueError(f"side_dropout must be in [0, 1), got {self.side_dropout}.")
-        if self.side_block not in ("backbone", "generic"):
-            raise ValueError(f"side_block must be 'backbone' or 'generic', got {self.side_block!r}.")
-        if self.side_layers is not None:
-            self.side_layers = sorted(set(int(index) for index in self.side_layers))
-            if not self.side_layers:
-                raise ValueError("side_layers must name at least one layer, or be None for all layers.")
+        self.check_fields()
+
+    def check_fields(self) -> None:
+        """Raise a ``ValueError`` naming the field and its accepted values if any field has a wrong type or range.
+
+        Runs when the config is built and again when an adapter is created from it (fields may be set in between).
+        Normalises ``side_layers`` to a sorted list without duplicates.
+        """
+        self.reduction_factor = checks.check_int("reduction_factor", self.reduction_factor, minimum=1)
+        self.side_layers = checks.check_layer_indices("side_layers", self.side_layers)
+        self.gate_temperature = checks.check_real("gate_temperature", self.gate_temperature, 0, exclude_minimum=True)
+        self.gate_init = checks.check_real("gate_init", self.gate_init)
+        checks.check_choice("init", self.init, INIT_METHODS)
+        checks.check_choice("output_mode", self.output_mode, OUTPUT_MODES, optional=True)
+        self.side_dropout = checks.check_real("side_dropout", self.side_dropout, 0, 1, exclude_maximum=True)
+        self.layers_path = checks.check_layers_path("layers_path", self.layers_path)
+        self.modules_to_save = checks.check_module_names("modules_to_save", self.modules_to_save)
+        checks.check_choice("side_block", self.side_block, SIDE_BLOCKS)
+        checks.check_bool("compile_side", self.compile_side)
+        checks.check_optional_dict("backbone_shape", self.backbone_shape)
+        checks.check_bool("allow_other_model_type", self.allow_other_model_type)
+        checks.check_bool("inference_mode", self.inference_mode)
+        checks.check_str("loading_note", self.loading_note)
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        # PEFT calls this with the fields read from adapter_config.json, before building the config.
+        checks.check_saved_keys(cls.__name__, kwargs, FIELDS_THE_WEIGHTS_NEED)
+        return super().check_kwargs(**kwargs)
+
+    def check_loaded_against(self, current: dict, base_model_name_or_path: Optional[str] = None) -> None:
+        """For a config read from a saved adapter: refuse a base model other than the one it was trained on.
+
+        ``current`` describes the base model the adapter is being loaded onto, with the keys of ``backbone_shape``
+        (``model_type``, ``hidden_size``, ``num_layers``: one depth per stack). Raises a ``ValueError`` naming both
+        models when the hidden size or the depths differ, or when the model type differs and
+        ``allow_other_model_type`` is not set. Warns when ``base_model_name_or_path`` (the base model's
+        ``name_or_path``) differs from the recorded one. Does nothing for a config that was not loaded from a saved
+        adapter, or that records no shape.
+        """
+        recorded = self.backbone_shape
+        if not recorded or not getattr(self, "_ladder_loaded_from_checkpoint", False):
+            return
+        trained_on = (
+            f"a {recorded.get('model_type')} backbone with hidden size {recorded.get('hidden_size')} and "
+            f"{recorded.get('num_layers')} layers"
+        )
+        loading_onto = (
+            f"a {current.get('model_type')} with hidden size {current.get('hidden_size')} and "
+            f"{current.get('num_layers')} layers"
+        )
+        if recorded.get("hidden_size") != current.get("hidden_size") or list(recorded.get("num_layers", [])) != list(
+            current.get("num_layers", [])
+        ):
+            raise ValueError(
+                f"This Ladder side-tuning adapter was trained on {trained_on}, but the base model is {loading_onto}. "
+                "Load it onto the base model it was trained on."
+            )
+        if recorded.get("model_type") != current.get("model_type") and not self.allow_other_model_type:
+            raise ValueError(
+                f"This Ladder side-tuning adapter was trained on a {recorded.get('model_type')!r} model, but the base "
+                f"model is a {current.get('model_type')!r} model of the same shape: its side blocks would run the "
+                "other family's block code on these weights. Load it onto the base model it was trained on, or, if "
+                "the two families share a block layout, set allow_other_model_type=True on the loaded config "
+                "(config = LadderSideConfig.from_pretrained(path); config.allow_other_model_type = True; "
+                "PeftModel.from_pretrained(model, path, config=config))."
+            )
+        recorded_name = self.base_model_name_or_path
+        if recorded_name and base_model_name_or_path and recorded_name != base_model_name_or_path:
+            warnings.warn(
+                f"This Ladder side-tuning adapter was trained on {recorded_name!r} and is being loaded onto "
+                f"{base_model_name_or_path!r}. The shapes match; if these are not the same weights, the side network "
+                "reads hidden states it was not trained on.",
+                stacklevel=2,
+            )
 
     def resolved_output_mode(self) -> str:
         """``output_mode``, with ``None`` resolved by task type (see the field's docstring)."""

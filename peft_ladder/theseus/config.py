@@ -8,10 +8,13 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from .. import _config_checks as checks
 from .._registry import LOADING_NOTE
 
 SCHEDULERS = ("constant", "linear")
 SUCCESSOR_INITS = ("first_layers", "one_per_module")
+# Fields the saved weights depend on: a saved config without them must not silently fall back to the defaults.
+FIELDS_THE_WEIGHTS_NEED = ("num_successor_layers",)
 
 
 @dataclass
@@ -51,7 +54,13 @@ class TheseusConfig(PeftConfig):
             stacks of an encoder-decoder model) when automatic discovery cannot find it.
         modules_to_save (`Optional[list[str]]`):
             Extra modules trained and saved with the adapter. The head of the fine-tuned predecessor is normally kept
-            frozen, as in the paper.
+            frozen, as in the paper. Each name must match a module of the model (its name or the end of its dotted
+            path), or creating the adapter fails.
+        predecessor_shape (`Optional[dict]`):
+            Filled in when the adapter is created: per compressed stack, its path, its depth and the sizes of the
+            modules its layers were grouped into. Checked when the adapter is loaded, so that loading onto a
+            predecessor of another depth fails with both named instead of regrouping the modules, and used to group
+            the layers exactly as in training. Not set by users.
         loading_note (`str`):
             Written into `adapter_config.json` so that someone who hits PEFT's bare `KeyError('THESEUS')` finds the fix
             next to the type name. Not used at runtime.
@@ -72,21 +81,51 @@ class TheseusConfig(PeftConfig):
         default=None, metadata={"help": "Dotted path(s) of the layer stack(s) when discovery fails."}
     )
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules to train and save."})
+    predecessor_shape: Optional[dict] = field(
+        default=None, metadata={"help": "Recorded predecessor stacks and grouping (set automatically)."}
+    )
     loading_note: str = field(default=LOADING_NOTE, metadata={"help": "How to load this adapter."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.THESEUS
-        if not isinstance(self.num_successor_layers, int) or self.num_successor_layers < 1:
-            raise ValueError(
-                f"num_successor_layers must be a positive integer, got {self.num_successor_layers!r}: the compressed "
-                "model needs at least one layer."
-            )
-        if not 0.0 <= self.replacing_rate <= 1.0:
-            raise ValueError(f"replacing_rate is a probability and must be in [0, 1], got {self.replacing_rate}.")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"Unknown scheduler {self.scheduler!r}; choose one of {SCHEDULERS}.")
-        if self.successor_init not in SUCCESSOR_INITS:
-            raise ValueError(f"successor_init must be one of {SUCCESSOR_INITS}, got {self.successor_init!r}.")
-        if (self.steps_for_replacing is not None and self.steps_for_replacing < 0) or self.linear_k < 0:
-            raise ValueError("steps_for_replacing and linear_k must be >= 0.")
+        self.check_fields()
+
+    def check_fields(self) -> None:
+        """Raise a ``ValueError`` naming the field and its accepted values if any field has a wrong type or range.
+
+        Runs when the config is built and again when an adapter is created from it (fields may be set in between).
+        """
+        self.num_successor_layers = checks.check_int(
+            "num_successor_layers",
+            self.num_successor_layers,
+            minimum=1,
+            why="The compressed model needs at least one layer.",
+        )
+        self.replacing_rate = checks.check_real("replacing_rate", self.replacing_rate, 0, 1)
+        checks.check_choice("scheduler", self.scheduler, SCHEDULERS)
+        self.steps_for_replacing = checks.check_int(
+            "steps_for_replacing", self.steps_for_replacing, minimum=0, optional=True
+        )
+        self.linear_k = checks.check_real("linear_k", self.linear_k, 0)
+        checks.check_choice("successor_init", self.successor_init, SUCCESSOR_INITS)
+        self.seed = checks.check_int("seed", self.seed)
+        self.layers_path = checks.check_layers_path("layers_path", self.layers_path)
+        self.modules_to_save = checks.check_module_names("modules_to_save", self.modules_to_save)
+        checks.check_optional_dict("predecessor_shape", self.predecessor_shape)
+        checks.check_bool("inference_mode", self.inference_mode)
+        checks.check_str("loading_note", self.loading_note)
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        # PEFT calls this with the fields read from adapter_config.json, before building the config.
+        checks.check_saved_keys(cls.__name__, kwargs, FIELDS_THE_WEIGHTS_NEED)
+        return super().check_kwargs(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
+        # Marks the config as read from a saved adapter: the tuner then checks the predecessor against
+        # predecessor_shape instead of recording it.
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config._theseus_loaded_from_checkpoint = True
+        return config
