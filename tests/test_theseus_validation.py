@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import peft
 import pytest
 import torch
@@ -46,3 +48,91 @@ def test_replaced_modules_still_get_their_gradient_on_encoder_decoders():
     peft_model = peft.get_peft_model(model, TheseusConfig(num_successor_layers=2, replacing_rate=1.0)).train()
     peft_model(**seq2seq_batch()).loss.backward()
     assert all(param.grad is not None for param in peft_model.base_model.adapter_modules.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------- load-time checks
+def model_state(model) -> dict:
+    return {
+        "tensors": {key: value.clone() for key, value in model.state_dict().items()},
+        "requires_grad": {name: param.requires_grad for name, param in model.named_parameters()},
+        "modules": [(name, type(module)) for name, module in model.named_modules()],
+    }
+
+
+def assert_untouched(model, before: dict) -> None:
+    after = model_state(model)
+    assert after["modules"] == before["modules"]  # no wrapper added, no layer list swapped
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["tensors"].keys() == before["tensors"].keys()
+    assert all(torch.equal(after["tensors"][key], value) for key, value in before["tensors"].items())
+    assert not any(module._forward_pre_hooks or module._forward_hooks for module in model.modules())
+
+
+def bert(num_layers: int = 4):
+    return tiny_model("bert", transformers.AutoModelForSequenceClassification, num_hidden_layers=num_layers)
+
+
+def saved_adapter(tmp_path, num_layers: int = 4, **config_kwargs):
+    config = TheseusConfig(task_type="SEQ_CLS", num_successor_layers=2, **config_kwargs)
+    peft_model = peft.get_peft_model(bert(num_layers), config)
+    peft_model.save_pretrained(tmp_path)
+    return peft_model
+
+
+def edit_saved_config(folder, edit) -> None:
+    path = folder / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    edit(saved)
+    path.write_text(json.dumps(saved))
+
+
+def test_new_adapter_records_the_predecessor_depth_and_grouping(tmp_path):
+    saved_adapter(tmp_path, num_layers=5)
+    recorded = json.loads((tmp_path / "adapter_config.json").read_text())["predecessor_shape"]
+    assert recorded == {"stacks": [{"path": "bert.encoder.layer", "num_layers": 5, "module_sizes": [3, 2]}]}
+
+
+def test_adapter_from_a_shallower_predecessor_is_refused_with_both_depths(tmp_path):
+    saved_adapter(tmp_path, num_layers=4)
+    deeper = bert(num_layers=6)
+    before = model_state(deeper)
+    with pytest.raises(
+        ValueError, match=r"'bert.encoder.layer' with 4 layers .* \[2, 2\].* 'bert.encoder.layer' with 6"
+    ):
+        peft.PeftModel.from_pretrained(deeper, tmp_path)
+    assert_untouched(deeper, before)
+
+
+def test_loaded_adapter_keeps_the_grouping_it_was_trained_with(tmp_path):
+    saved_adapter(tmp_path, num_layers=4)
+    edit_saved_config(tmp_path, lambda saved: saved["predecessor_shape"]["stacks"][0].update(module_sizes=[3, 1]))
+    loaded = peft.PeftModel.from_pretrained(bert(num_layers=4), tmp_path)
+    assert loaded.base_model.adapter_modules["default"].modules_per_stack == ((range(0, 3), range(3, 4)),)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda saved: saved["predecessor_shape"]["stacks"][0].update(module_sizes=[3, 2]), r"modules of \[3, 2\]"),
+        (lambda saved: saved["predecessor_shape"]["stacks"][0].pop("num_layers"), "malformed"),
+        (lambda saved: saved.pop("num_successor_layers"), "TheseusConfig has no 'num_successor_layers'"),
+    ],
+    ids=["grouping_does_not_fit", "malformed_record", "missing_num_successor_layers"],
+)
+def test_edited_saved_config_is_refused_with_the_field_named(tmp_path, edit, match):
+    saved_adapter(tmp_path, num_layers=4)
+    edit_saved_config(tmp_path, edit)
+    model = bert(num_layers=4)
+    before = model_state(model)
+    with pytest.raises(ValueError, match=match):
+        peft.PeftModel.from_pretrained(model, tmp_path)
+    assert_untouched(model, before)
+
+
+def test_adapter_saved_without_a_record_still_loads(tmp_path):
+    trained = saved_adapter(tmp_path, num_layers=4).eval()
+    edit_saved_config(tmp_path, lambda saved: saved.pop("predecessor_shape"))
+    loaded = peft.PeftModel.from_pretrained(bert(num_layers=4), tmp_path).eval()
+    input_ids = torch.tensor([[2, 5, 7, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=input_ids).logits, trained(input_ids=input_ids).logits)

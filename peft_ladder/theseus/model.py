@@ -78,6 +78,7 @@ class TheseusModel(ModuleTuner):
     # ------------------------------------------------------------------ building
     def _build_adapter_module(self, model: nn.Module, config, adapter_name: str) -> TheseusSuccessor:
         stacks = inspect_backbone(model, layers_path=config.layers_path).stacks
+        module_ranges = _module_ranges(config, stacks)  # a loaded adapter meets the predecessor it was trained on
         for stack in stacks:
             if config.num_successor_layers > stack.num_layers:
                 raise ValueError(
@@ -85,12 +86,11 @@ class TheseusModel(ModuleTuner):
                     f"of the predecessor's stack '{stack.path}': the successor must be smaller. Choose at most "
                     f"{stack.num_layers} (to compress one stack only, set `layers_path`)."
                 )
-        successor_stacks, module_ranges = [], []
-        for stack in stacks:
+        successor_stacks = []
+        for stack, ranges in zip(stacks, module_ranges):
             predecessor = routing.predecessor_layers(stack.layers)
-            ranges = split_into_modules(len(predecessor), config.num_successor_layers)
             successor_stacks.append(nn.ModuleList(_init_successor(predecessor, ranges, config.successor_init)))
-            module_ranges.append(ranges)
+        config.predecessor_shape = _shape_record(stacks, module_ranges)
         return TheseusSuccessor(successor_stacks, list(stacks), module_ranges)
 
     def _attach(self, model: nn.Module, adapter_name: str) -> None:
@@ -250,6 +250,58 @@ class TheseusModel(ModuleTuner):
                 real_key = stack_config.attribute_map.get(key, key)
                 if getattr(stack_config, real_key, None) == old_depth:
                     setattr(stack_config, real_key, new_depth)
+
+
+def _shape_record(stacks: list[LayerStack], module_ranges: list[list[range]]) -> dict:
+    return {
+        "stacks": [
+            {"path": stack.path, "num_layers": stack.num_layers, "module_sizes": [len(module) for module in ranges]}
+            for stack, ranges in zip(stacks, module_ranges)
+        ]
+    }
+
+
+def _describe_stacks(stacks: list[tuple[str, int]]) -> str:
+    return ", ".join(f"'{path}' with {depth} layers" for path, depth in stacks)
+
+
+def _module_ranges(config, stacks: list[LayerStack]) -> list[list[range]]:
+    """Per stack, the predecessor layers of each module.
+
+    A new adapter splits each stack evenly (:func:`~.schedule.split_into_modules`). An adapter read from a saved
+    config that records ``predecessor_shape`` must meet the stacks it was trained on, and keeps their grouping.
+    """
+    recorded = config.predecessor_shape
+    if not recorded or not getattr(config, "_theseus_loaded_from_checkpoint", False):
+        return [split_into_modules(stack.num_layers, config.num_successor_layers) for stack in stacks]
+    try:
+        saved = [(entry["path"], entry["num_layers"], list(entry["module_sizes"])) for entry in recorded["stacks"]]
+    except (KeyError, TypeError) as error:
+        raise ValueError(
+            f"The saved predecessor_shape {recorded!r} is malformed (no {error}): expected "
+            '{"stacks": [{"path": ..., "num_layers": ..., "module_sizes": [...]}, ...]}. Restore it, or remove it '
+            "from adapter_config.json to skip the check."
+        ) from None
+    trained_on = [(path, depth) for path, depth, _ in saved]
+    current = [(stack.path, stack.num_layers) for stack in stacks]
+    if trained_on != current:
+        groups = "; ".join(f"'{path}' in modules of {sizes}" for path, _, sizes in saved)
+        raise ValueError(
+            f"This Theseus adapter was created on a predecessor with {_describe_stacks(trained_on)} (grouped "
+            f"{groups}), but this model has {_describe_stacks(current)}: its successor layers would replace other "
+            "groups of layers than in training. Load it onto the model it was created from."
+        )
+    ranges_per_stack = []
+    for path, depth, sizes in saved:
+        if len(sizes) != config.num_successor_layers or sum(sizes) != depth or min(sizes, default=0) < 1:
+            raise ValueError(
+                f"The saved predecessor_shape groups the {depth} layers of '{path}' into modules of {sizes}, which "
+                f"does not fit num_successor_layers={config.num_successor_layers}. Restore the saved config, or "
+                "remove predecessor_shape from adapter_config.json to group the layers evenly."
+            )
+        starts = [sum(sizes[:index]) for index in range(len(sizes))]
+        ranges_per_stack.append([range(start, start + size) for start, size in zip(starts, sizes)])
+    return ranges_per_stack
 
 
 def _init_successor(predecessor: list[nn.Module], modules: list[range], init: str) -> list[nn.Module]:
