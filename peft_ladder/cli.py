@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from dataclasses import asdict
 
 from peft import LoraConfig
@@ -108,6 +109,8 @@ def estimate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # raised inside PEFT's get_peft_model on transformers 5: not the user's to act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         return estimate(args)
     except (ValueError, NotImplementedError) as error:  # bad input: say what is wrong and how to fix it, no trace

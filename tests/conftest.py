@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 
-# Before anything imports huggingface_hub, which reads these once: no hub here, so never try the network.
+# Before anything imports huggingface_hub, which reads these once: no hub here, so never try the network, and use the
+# repository's own Hugging Face cache, where the offline models sit under their Hub ids (benchmarks/__init__.py).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import benchmarks  # noqa: E402, F401  (first: it sets HF_HOME)
+
+# isort: split
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -133,6 +137,14 @@ def minilm_dir():
         return assets.minilm_path()
     except assets.AssetMissingError as error:
         pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def minilm_hub_id(minilm_dir) -> str:
+    """``"sentence-transformers/all-MiniLM-L6-v2"``, loadable offline from the repository's hub cache."""
+    from benchmarks import assets
+
+    return assets.install_minilm()
 
 
 @pytest.fixture(scope="session")

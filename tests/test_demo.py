@@ -8,7 +8,7 @@ from benchmarks import demo
 
 
 @pytest.mark.slow
-def test_demo_runs_every_stage_and_writes_table_json_and_chart(minilm_dir, rotten_tomatoes, tmp_path, capsys):
+def test_demo_runs_every_stage_and_writes_table_json_and_chart(minilm_hub_id, rotten_tomatoes, tmp_path, capsys):
     argv = [
         "--max-steps", "1", "--theseus-steps", "2", "--train-examples", "16", "--eval-examples", "16",
         "--batch-size", "8", "--max-length", "24", "--memory-steps", "1", "--latency-repeats", "1",

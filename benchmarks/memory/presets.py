@@ -8,7 +8,6 @@ encoders as sequence classifiers (two labels).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import transformers
@@ -21,7 +20,7 @@ class ModelSpec:
     name: str
     config: transformers.PretrainedConfig
     task: str  # "causal-lm" or "seq-cls"
-    path: Path | None = None  # a local checkpoint to load weights from; None builds random weights
+    path: str | None = None  # a local checkpoint or Hub id to load weights from; None builds random weights
 
     @property
     def is_decoder(self) -> bool:
@@ -77,21 +76,21 @@ PRESETS = {
 
 
 def resolve(model: str) -> ModelSpec:
-    """A preset name or a local checkpoint directory; raises naming both options when it is neither."""
+    """A preset name, a local checkpoint directory or a Hub id; raises naming the options when it is none of them."""
     if model in PRESETS:
         config = PRESETS[model]()
         return ModelSpec(name=model, config=config, task="seq-cls" if config.model_type == "bert" else "causal-lm")
-    path = Path(model)
-    if not (path / "config.json").exists():
+    try:
+        config = transformers.AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as error:
         raise ValueError(
             f"--model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a local checkpoint directory "
-            "containing config.json."
-        )
-    config = transformers.AutoConfig.from_pretrained(path)
+            f"containing config.json nor a Hub id this machine can load ({type(error).__name__})."
+        ) from error
     decoder_only = not config.is_encoder_decoder and any(
         name.endswith("ForCausalLM") for name in (config.architectures or [])
     )
-    return ModelSpec(name=str(path), config=config, task="causal-lm" if decoder_only else "seq-cls", path=path)
+    return ModelSpec(name=model, config=config, task="causal-lm" if decoder_only else "seq-cls", path=model)
 
 
 def build(spec: ModelSpec, dtype: torch.dtype, device: str | torch.device) -> torch.nn.Module:
