@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 # Config fields that hold a stack's depth, in the order we trust them. Encoder-decoder configs name the decoder depth
@@ -139,6 +140,49 @@ def inspect_backbone(model: nn.Module, layers_path: str | list[str] | None = Non
         intermediate_size=int(intermediate or 4 * hidden_size),
         is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
     )
+
+
+# A tiny valid input for each kind of model, keyed by the model's ``main_input_name``: token ids, images, audio.
+_PROBE_INPUTS = {
+    "input_ids": lambda config, device: (torch.arange(3, 9, device=device) % config.vocab_size).unsqueeze(0),
+    "pixel_values": lambda config, device: torch.randn(
+        1, config.num_channels, config.image_size, config.image_size, device=device
+    ),
+    # Whisper-style encoders check the length: 2 x max_source_positions frames (two stride-2 convolutions)
+    "input_features": lambda config, device: torch.randn(
+        1, config.num_mel_bins, 2 * config.max_source_positions, device=device
+    ),
+}
+
+
+def probe_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """One tiny example ``model`` accepts, built from its config (decoder ids too for encoder-decoders).
+
+    Raises:
+        UnsupportedModelError: for a main input kind we cannot fabricate, naming it.
+    """
+    name = getattr(model, "main_input_name", "input_ids")
+    if name not in _PROBE_INPUTS:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} takes `{name}`, for which peft_ladder cannot build a probe input; supported "
+            f"inputs: {', '.join(_PROBE_INPUTS)}."
+        )
+    device = next(model.parameters()).device
+    inputs = {name: _PROBE_INPUTS[name](model.config, device)}
+    if getattr(model.config, "is_encoder_decoder", False):
+        start = getattr(model.config, "decoder_start_token_id", None) or 0
+        inputs["decoder_input_ids"] = torch.full((1, 4), int(start), device=device)
+    return inputs
+
+
+def float_reference(model: nn.Module) -> torch.Tensor:
+    """A floating-point parameter whose device and dtype are the backbone's compute device and dtype (the input
+    embeddings where they are a weight; quantized layers keep integer storage)."""
+    embeddings = model.get_input_embeddings()
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight
+    return next(p for p in model.parameters() if p.is_floating_point())
 
 
 def get_submodule_or_raise(model: nn.Module, path: str, what: str) -> nn.Module:

@@ -141,11 +141,11 @@ def pruned_init_(side_network, plans, block_steps: list[list[Step]], model: nn.M
             return importance[id(param)]
         return param.detach().abs().float()
 
-    embedding = model.get_input_embeddings().weight
+    embeddings = model.get_input_embeddings()
     for plan, stack, steps in zip(plans, side_network.stacks, block_steps):
         d, d_side = stack.stream_down.in_features, stack.stream_down.out_features
         chain = _Chain()
-        chain.set(d, _top(score(embedding).sum(0), d_side))
+        chain.set(d, _top(_embedding_scores(embeddings, d, score), d_side))
         embedding_choice = chain.get(d, d_side)
         _select_rows_(stack.stream_down, embedding_choice)
         for k, layer_index in enumerate(stack.tapped_layers):
@@ -162,6 +162,22 @@ def pruned_init_(side_network, plans, block_steps: list[list[Step]], model: nn.M
             stack.up.weight.zero_()
             stack.up.weight[current.to(stack.up.weight.device), torch.arange(d_side)] = 1.0
             stack.up.bias.zero_()
+
+
+def _embedding_scores(embeddings: nn.Module, width: int, score) -> torch.Tensor:
+    """Importance of each of the ``width`` embedding dimensions: every embedding parameter's scores summed over its
+    other axes (a token table (V, d), ViT's patch convolution (d, C, p, p)); equal scores if none has that width."""
+    total = torch.zeros(width)
+    for param in embeddings.parameters():
+        axes = [axis for axis, size in enumerate(param.shape) if size == width]
+        if not axes:
+            continue
+        axis = axes[-1]  # a (V, d) table with V == d: the last axis is the width
+        scores = score(param).float()
+        total += (
+            scores.sum(dim=[a for a in range(param.dim()) if a != axis]).cpu() if param.dim() > 1 else scores.cpu()
+        )
+    return total
 
 
 def _prune_block_(backbone_block: nn.Module, side_block: nn.Module, steps: list[Step], chain: _Chain, score) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 from transformers.models.auto import modeling_auto
 
 from .._tuner import ModuleTuner
-from ..backbone import BackboneInfo, inspect_backbone
+from ..backbone import BackboneInfo, float_reference, inspect_backbone, probe_inputs
 from .init import pruned_init_, trace_block_steps
 from .router import LadderRouter, supports_chunked_loss
 from .side_builder import StackPlan, build_side_network, check_finite, plan_stacks
@@ -90,14 +90,14 @@ class LadderSideModel(ModuleTuner):
         with build_context:
             network = build_side_network(model, config, info, plans, tapped)
         empty = any(p.is_meta for p in network.parameters())
-        reference = model.get_input_embeddings().weight
+        reference = float_reference(model)
         if not empty:
             network.to(device=reference.device, dtype=reference.dtype)
         network.train(model.training)  # new modules start in training mode; follow the model's
         loading = getattr(config, "_ladder_loaded_from_checkpoint", False)
         if config.init != "random" and not loading and not empty:
             if self._block_steps is None:
-                self._block_steps = self._trace(model, info, plans)
+                self._block_steps = self._trace(model, plans)
             pruned_init_(network, plans, self._block_steps, model)
         check_finite(network)
         if config.compile_side:
@@ -121,9 +121,7 @@ class LadderSideModel(ModuleTuner):
         if name not in self.adapter_modules:
             raise ValueError(f"No Ladder side-tuning adapter named {name!r}; adapters: {list(self.adapter_modules)}.")
         if self._block_steps is None:
-            self._block_steps = self._trace(
-                self.model, inspect_backbone(self.model, self.peft_config[name].layers_path), self._plans
-            )
+            self._block_steps = self._trace(self.model, self._plans)
         pruned_init_(self.adapter_modules[name], self._plans, self._block_steps, self.model, importance=importance)
 
     @contextlib.contextmanager
@@ -133,16 +131,10 @@ class LadderSideModel(ModuleTuner):
         with router:
             yield
 
-    def _trace(self, model, info: BackboneInfo, plans: list[StackPlan]):
+    def _trace(self, model, plans: list[StackPlan]):
         """Forward order of the backbone's block modules, for the pruning chain (one tiny forward, no grad)."""
-        vocab = model.get_input_embeddings().weight.shape[0]
-        device = model.get_input_embeddings().weight.device
-        ids = (torch.arange(3, 9, device=device) % vocab).unsqueeze(0)
-        probe = {"input_ids": ids}
-        if info.is_encoder_decoder:
-            probe["decoder_input_ids"] = ids[:, :4]
         with self.backbone_only():
-            return trace_block_steps(model, [plan.layers for plan in plans], probe)
+            return trace_block_steps(model, [plan.layers for plan in plans], probe_inputs(model))
 
     def _attach(self, model: nn.Module, adapter_name: str) -> None:
         if self._router is None:
@@ -160,7 +152,7 @@ class LadderSideModel(ModuleTuner):
         dtype (the side network then computes in it without autocast)."""
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         if not autocast_adapter_dtype and adapter_name in self.adapter_modules:
-            dtype = self.model.get_input_embeddings().weight.dtype
+            dtype = float_reference(self.model).dtype
             self.adapter_modules[adapter_name].to(dtype=dtype)
 
     def merge_and_unload(self, *args, **kwargs):

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from .loss import chunked_causal_lm_loss
-from .side_network import LadderSideNetwork, SideInputs, first_output
+from .side_network import LadderSideNetwork, SideInputs, SideRotary, first_output
 
 if TYPE_CHECKING:
     from .side_builder import StackPlan
@@ -134,7 +134,7 @@ class LadderRouter:
         state = self._state.get()
         layer_calls = [capture.calls[index] for index in stack.tapped_layers]
         side_inputs = SideInputs(
-            position_embeddings=_side_rotary(side.rotary(plan.index), capture.stream_input, layer_calls[0]),
+            position_embeddings=_side_rotary(side.rotary(plan.index), capture.stream_input, layer_calls),
             encoder_states=state.side_encoder_states if state is not None else None,
             layer0_output=capture.layer0_output,
             padding_mask=_padding_mask(kwargs.get("attention_mask")),
@@ -274,14 +274,15 @@ def named_arguments(block_class: type, args: tuple, kwargs: dict) -> dict:
     return named
 
 
-def _side_rotary(rotary: nn.Module | None, reference: torch.Tensor, layer_call: dict):
-    """Rotary (cos, sin) at the side head dim, once per stack forward (every layer gets the same positions)."""
-    if rotary is None or layer_call.get("position_embeddings") is None:
+def _side_rotary(rotary: SideRotary | None, reference: torch.Tensor, layer_calls: list[dict]) -> list | None:
+    """Rotary (cos, sin) at the side head dim per side block, once per stack forward (every layer of a kind gets the
+    same positions)."""
+    if rotary is None or layer_calls[0].get("position_embeddings") is None:
         return None
-    position_ids = layer_call.get("position_ids")
+    position_ids = layer_calls[0].get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(reference.shape[1], device=reference.device).unsqueeze(0)
-    return rotary(reference, position_ids)
+    return rotary(reference, position_ids, len(layer_calls))
 
 
 def _side_encoder_states(encoder_outputs) -> torch.Tensor | None:

@@ -95,21 +95,39 @@ def reduced_config(config, info: BackboneInfo, shape: SideShape):
     for key in INTERMEDIATE_SIZE_KEYS + ("decoder_ffn_dim",):
         real = config.attribute_map.get(key, key)
         if getattr(config, real, None):
-            setattr(side, real, shape.intermediate_size)
+            _set_width(side, real, shape.intermediate_size)
     for key in HEAD_COUNT_KEYS:
         real = config.attribute_map.get(key, key)
         if getattr(config, real, None):
-            setattr(side, real, shape.num_heads)
+            _set_width(side, real, shape.num_heads)
     for key in KV_HEAD_COUNT_KEYS:
         if getattr(config, key, None):
-            setattr(side, key, shape.num_kv_heads)
+            _set_width(side, key, shape.num_kv_heads)
     for key in HEAD_DIM_KEYS:
         if getattr(config, key, None):
-            setattr(side, key, shape.head_dim)
+            _set_width(side, key, shape.head_dim)
     for key in HEAD_DIM_SCALED_KEYS:
-        if getattr(config, key, None):
-            setattr(side, key, getattr(config, key) * shape.head_dim / info.head_dim)
+        value = getattr(config, key, None)
+        if value:
+            scaled = value * shape.head_dim / info.head_dim
+            # configs validate these as ints (Gemma 2/3): the nearest one changes the attention scale by < 1/(2 x)
+            _set_width(side, key, max(1, round(scaled)) if isinstance(value, int) else scaled)
     return side
+
+
+def _set_width(config, key: str, value) -> None:
+    """Write ``value`` into ``config.key``; a read-only derived field (Falcon's ``head_dim`` property) must already
+    hold it, computed from the fields written before it."""
+    attribute = getattr(type(config), key, None)
+    if isinstance(attribute, property) and attribute.fset is None:
+        if getattr(config, key) != value:
+            raise SideShapeError(
+                f"{type(config).__name__}.{key} is derived from other fields and comes out as {getattr(config, key)} "
+                f"at side width, where the side network needs {value}. Choose another reduction_factor, or "
+                "side_block='generic'."
+            )
+        return
+    setattr(config, key, value)
 
 
 def _divisors_near(n: int, r: int) -> list[int]:

@@ -27,7 +27,7 @@ from torch import nn
 from ..backbone import BackboneInfo, UnsupportedModelError, get_submodule_or_raise
 from .generic_block import GenericPreNormBlock, generic_heads
 from .shapes import reduced_config, side_shape
-from .side_network import LadderSideNetwork, SideStack
+from .side_network import LadderSideNetwork, SideRotary, SideStack
 
 
 @dataclass
@@ -119,7 +119,7 @@ def build_side_network(
             feeds_head=not (info.is_encoder_decoder and not plan.is_decoder_stack),
         )
         stacks.append(stack)
-        rotaries.append(type(rotary_module)(config=side_config) if rotary_module is not None else None)
+        rotaries.append(_side_rotary(rotary_module, side_config, base_config, layer_indices))
     return LadderSideNetwork(stacks, rotaries)
 
 
@@ -177,6 +177,15 @@ def _body_of(model: nn.Module, stack_path: str, embeddings: nn.Module) -> nn.Mod
         if any(module is embeddings for module in candidate.modules()):
             return candidate
     raise UnsupportedModelError(f"No module of {type(model).__name__} holds both '{stack_path}' and the embeddings.")
+
+
+def _side_rotary(rotary: nn.Module | None, side_config, base_config, layer_indices: list[int]) -> SideRotary | None:
+    if rotary is None:
+        return None
+    takes_layer_type = "layer_type" in inspect.signature(type(rotary).forward).parameters
+    layer_types = getattr(base_config, "layer_types", None)
+    block_layer_types = [layer_types[i] for i in layer_indices] if takes_layer_type and layer_types else None
+    return SideRotary(type(rotary)(config=side_config), block_layer_types)
 
 
 def _find_rotary(body: nn.Module) -> nn.Module | None:

@@ -44,7 +44,7 @@ from transformers.cache_utils import (
 class SideInputs:
     """Side-width values that replace width-dependent backbone arguments, for one forward of one stack."""
 
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # rotary (cos, sin) at the side head dim
+    position_embeddings: list | None = None  # per side block: rotary (cos, sin) at the side head dim
     encoder_states: torch.Tensor | None = None  # the side encoder's output, for a side decoder
     layer0_output: tuple | None = None  # what backbone layer 0 returned (T5: the position biases it computed)
     padding_mask: torch.Tensor | None = None  # (batch, keys), 1 = real token; only the generic block reads it
@@ -121,7 +121,7 @@ class SideStack(nn.Module):
             if self.generic_blocks:
                 kwargs = {"padding_mask": side_inputs.padding_mask, "cache": find_cache(layer_calls[k])}
             else:
-                kwargs = side_block_kwargs(layer_calls[k], side_inputs, self.side_heads, self.rel_embeddings)
+                kwargs = side_block_kwargs(layer_calls[k], k, side_inputs, self.side_heads, self.rel_embeddings)
             hidden = first_output(block(hidden, **kwargs))
         return self.final_norm(hidden)
 
@@ -139,16 +139,34 @@ class SideStack(nn.Module):
         return backbone_final_norm(combined) if backbone_final_norm is not None else combined
 
 
+class SideRotary:
+    """The family's rotary embedding, built at the side head dim: (cos, sin) for each side block of a stack.
+
+    Families with several attention kinds (Gemma 3, ModernBERT: sliding and full) keep one table per layer type and
+    take the type as an argument; side block k uses the type of the backbone layer it sits beside.
+    """
+
+    def __init__(self, module: nn.Module, block_layer_types: list[str] | None):
+        self.module = module
+        self.block_layer_types = block_layer_types  # None: one table for every layer
+
+    def __call__(self, reference: torch.Tensor, position_ids: torch.Tensor, num_blocks: int) -> list:
+        if self.block_layer_types is None:
+            return [self.module(reference, position_ids)] * num_blocks
+        per_type = {kind: self.module(reference, position_ids, kind) for kind in set(self.block_layer_types)}
+        return [per_type[kind] for kind in self.block_layer_types]
+
+
 class LadderSideNetwork(nn.Module):
     """All side stacks of one adapter: one for decoder-only and encoder models, encoder + decoder for seq2seq."""
 
-    def __init__(self, stacks: list[SideStack], rotaries: list[nn.Module | None]):
+    def __init__(self, stacks: list[SideStack], rotaries: list[SideRotary | None]):
         super().__init__()
         self.stacks = nn.ModuleList(stacks)
         # Rotary tables hold no trained weights (only buffers), so they are kept out of the state dict.
         self._rotaries = rotaries
 
-    def rotary(self, stack_index: int) -> nn.Module | None:
+    def rotary(self, stack_index: int) -> SideRotary | None:
         """The rotary embedding at side head dim of stack ``stack_index`` (``None`` for families without one)."""
         return self._rotaries[stack_index]
 
@@ -166,13 +184,13 @@ class LadderSideNetwork(nn.Module):
         result = super()._apply(fn, recurse)
         for rotary in self._rotaries:
             if rotary is not None:
-                rotary._apply(fn, recurse)
+                rotary.module._apply(fn, recurse)
         return result
 
 
 # ---------------------------------------------------------------------- what a side block receives
 def side_block_kwargs(
-    layer_call: dict, side_inputs: SideInputs, side_heads: int, rel_embeddings: torch.Tensor | None
+    layer_call: dict, block_index: int, side_inputs: SideInputs, side_heads: int, rel_embeddings: torch.Tensor | None
 ) -> dict:
     """Backbone layer i's keyword arguments, with the width-dependent ones swapped (table in the module docstring).
 
@@ -180,7 +198,7 @@ def side_block_kwargs(
     """
     kwargs = dict(layer_call)
     if kwargs.get("position_embeddings") is not None:
-        kwargs["position_embeddings"] = side_inputs.position_embeddings
+        kwargs["position_embeddings"] = side_inputs.position_embeddings[block_index]
     if kwargs.get("encoder_hidden_states") is not None:
         if side_inputs.encoder_states is None:
             raise RuntimeError(
