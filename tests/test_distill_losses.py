@@ -64,10 +64,12 @@ def test_logit_kd_masked_token_level_matches_loop():
     )
 
 
-def test_logit_kd_is_zero_for_identical_logits_and_positive_otherwise():
-    logits = torch.randn(4, 7)
+def test_logit_kd_is_zero_for_identical_logits_and_the_loop_value_otherwise():
+    logits = torch.randn(4, 7, generator=torch.Generator().manual_seed(0))
     assert logit_kd_loss(logits, logits.clone()).item() == pytest.approx(0.0, abs=1e-6)
-    assert logit_kd_loss(logits, logits.flip(-1)).item() > 0
+    # student = logits, teacher = the same rows reversed; default T = 2, mean over rows
+    terms = [kl(softmax(t, 2.0), softmax(s, 2.0)) for s, t in zip(rows(logits), rows(logits.flip(-1)))]
+    assert logit_kd_loss(logits, logits.flip(-1)).item() == pytest.approx(2.0**2 * sum(terms) / len(terms), rel=1e-5)
 
 
 def test_kd_mask_shifts_for_causal_lm_and_falls_back_to_attention_mask():

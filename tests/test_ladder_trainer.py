@@ -57,7 +57,13 @@ def test_resume_from_checkpoint_repeats_the_losses_step_for_step(tmp_path):
     full = losses(uninterrupted)
     assert len(full) == 4 and full[4] < full[1]
     gate_entries = [e for e in uninterrupted.state.log_history if "loss" in e and "ladder_gate/side.0" in e]
-    assert len(gate_entries) == 4 and all(0 < e["ladder_gate/side.3"] < 1 for e in gate_entries)
+    assert len(gate_entries) == 4
+    # the logged gates are the model's (rounded to 4 places): after the last step, sigmoid(alpha / T), moved off 0.5
+    stack = uninterrupted.model.base_model.side_network.stacks[0]
+    final_gates = torch.sigmoid(stack.gate_logits / stack.gate_temperature).tolist()
+    logged = [gate_entries[-1][f"ladder_gate/side.{layer}"] for layer in stack.tapped_layers]
+    assert logged == pytest.approx(final_gates, abs=1e-4)
+    assert all(abs(mu - 0.5) > 1e-3 for mu in final_gates)
 
     resumed = transformers.Trainer(model=lm_model(), args=arguments(tmp_path / "a"), train_dataset=data)
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
@@ -110,6 +116,7 @@ def test_load_best_model_at_end_and_compute_metrics(tmp_path):
         eval_steps=2,
         load_best_model_at_end=True,
         metric_for_best_model="eval_loss",
+        greater_is_better=True,  # "best" = the higher loss, at step 2: loading it back must undo steps 3 and 4
         label_names=["labels"],
         gradient_accumulation_steps=1,
     )
@@ -117,9 +124,19 @@ def test_load_best_model_at_end_and_compute_metrics(tmp_path):
         model=peft_model, args=args, train_dataset=data, eval_dataset=data[:8], compute_metrics=accuracy
     )
     trainer.train()
-    assert trainer.state.best_model_checkpoint is not None
+    evaluations = {entry["step"]: entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry}
+    best_step = max(evaluations, key=evaluations.get)
+    assert best_step == 2 and sorted(evaluations) == [2, 4]
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
     metrics = trainer.evaluate()
-    assert "eval_loss" in metrics and "eval_accuracy" in metrics
+    # the best checkpoint's adapter and head were loaded back: evaluating again gives that checkpoint's loss
+    assert metrics["eval_loss"] == pytest.approx(evaluations[best_step], abs=1e-6)
+    # and the reported accuracy is that of the model's own predictions
+    inputs = {key: torch.stack([row[key] for row in data[:8]]) for key in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        predictions = peft_model.eval()(**inputs).logits.argmax(-1)
+    labels = torch.tensor([row["labels"] for row in data[:8]])
+    assert metrics["eval_accuracy"] == pytest.approx((predictions == labels).float().mean().item())
 
 
 class SavedBytesTrainer(transformers.Trainer):
