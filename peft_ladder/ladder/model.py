@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from peft.utils import TaskType
@@ -23,7 +24,7 @@ from torch import nn
 from transformers.models.auto import modeling_auto
 
 from .._tuner import ModuleTuner
-from ..backbone import BackboneInfo, float_reference, inspect_backbone, probe_inputs
+from ..backbone import BackboneInfo, UnsupportedModelError, float_reference, inspect_backbone, probe_inputs
 from .init import pruned_init_, trace_block_steps
 from .router import LadderRouter, supports_chunked_loss
 from .side_builder import StackPlan, build_side_network, check_finite, plan_stacks
@@ -77,7 +78,7 @@ class LadderSideModel(ModuleTuner):
     def _build_adapter_module(self, model: nn.Module, config, adapter_name: str) -> nn.Module:
         info = inspect_backbone(model, config.layers_path)
         _check_task_type(model, config.task_type)
-        _check_backbone_shape(config, info)
+        config.check_loaded_against(_shape_record(info), getattr(model, "name_or_path", None))
         plans = self._plans or plan_stacks(model, info)
         if [id(plan.layers) for plan in plans] != [id(stack.layers) for stack in info.stacks]:
             raise ValueError(
@@ -85,21 +86,9 @@ class LadderSideModel(ModuleTuner):
                 f"layers_path={config.layers_path!r} names others than the first adapter's. Use the same layers_path."
             )
         tapped = _tapped_layers(config, info)
-        # low_cpu_mem_usage loading builds on the meta device (our flag, or PEFT's init_empty_weights around us)
-        build_context = _empty_weights() if self._low_cpu_mem_usage else contextlib.nullcontext()
-        with build_context:
-            network = build_side_network(model, config, info, plans, tapped)
-        empty = any(p.is_meta for p in network.parameters())
-        reference = float_reference(model)
-        if not empty:
-            network.to(device=reference.device, dtype=reference.dtype)
-        network.train(model.training)  # new modules start in training mode; follow the model's
-        loading = getattr(config, "_ladder_loaded_from_checkpoint", False)
-        if config.init != "random" and not loading and not empty:
-            if self._block_steps is None:
-                self._block_steps = self._trace(model, plans)
-            pruned_init_(network, plans, self._block_steps, model)
-        check_finite(network)
+        network = self._new_side_network(model, config, info, plans, tapped, config.side_block)
+        if not _is_empty(network):
+            network = self._first_forward_or_fallback(model, config, info, plans, tapped, network)
         if config.compile_side:
             for stack in network.stacks:
                 for block in stack.blocks:
@@ -107,6 +96,65 @@ class LadderSideModel(ModuleTuner):
         config.backbone_shape = _shape_record(info)
         self._plans = plans
         return network
+
+    def _new_side_network(self, model, config, info, plans, tapped, side_block: str) -> LadderSideNetwork:
+        """Build, place and initialise one side network; nothing outside it changes."""
+        # low_cpu_mem_usage loading builds on the meta device (our flag, or PEFT's init_empty_weights around us)
+        build_context = _empty_weights() if self._low_cpu_mem_usage else contextlib.nullcontext()
+        with build_context:
+            network = build_side_network(model, config, info, plans, tapped, side_block)
+        if _is_empty(network):
+            return network
+        reference = float_reference(model)
+        network.to(device=reference.device, dtype=reference.dtype)
+        network.train(model.training)  # new modules start in training mode; follow the model's
+        loading = getattr(config, "_ladder_loaded_from_checkpoint", False)
+        if config.init != "random" and not loading:
+            if self._block_steps is None:
+                self._block_steps = self._trace(model, plans)
+            pruned_init_(network, plans, self._block_steps, model)
+        check_finite(network)
+        return network
+
+    def _first_forward_or_fallback(self, model, config, info, plans, tapped, network) -> LadderSideNetwork:
+        """Run one tiny forward through ``network``; if the family's blocks cannot run at side width, rebuild with
+        the generic block (with a warning) and try again; if that fails too, refuse. Never hand out a model whose
+        forward raises."""
+        try:
+            self._probe_forward(model, plans, network)
+            return network
+        except Exception as error:
+            if all(stack.generic_blocks for stack in network.stacks):
+                raise UnsupportedModelError(
+                    f"Ladder side-tuning cannot run a side network on {type(model).__name__}: a forward through "
+                    f"generic side blocks raised {type(error).__name__}: {error}. Pass `layers_path=...` if the "
+                    "wrong module list was taken as the layer stack."
+                ) from error
+            warnings.warn(
+                f"{plans[0].block_class.__name__} cannot run at side width ({type(error).__name__}: {error}); "
+                "using the generic pre-norm side block instead (side_block='generic').",
+                stacklevel=5,
+            )
+        network = self._new_side_network(model, config, info, plans, tapped, "generic")
+        return self._first_forward_or_fallback(model, config, info, plans, tapped, network)
+
+    @torch.no_grad()
+    def _probe_forward(self, model, plans, network) -> None:
+        if self._router is not None:  # a second adapter: the router is installed; point it at the new network
+            router, previous = self._router, self._router.side
+        else:
+            router, previous = LadderRouter(model, plans, chunked_loss=False), None
+            router.install()
+        router.side = network
+        was_training = model.training
+        model.eval()
+        try:
+            model(**probe_inputs(model))
+        finally:
+            model.train(was_training)
+            router.side = previous
+            if router is not self._router:
+                router.remove()
 
     # ------------------------------------------------------------------ re-initialisation
     @torch.no_grad()
@@ -196,24 +244,6 @@ def _shape_record(info: BackboneInfo) -> dict:
     }
 
 
-def _check_backbone_shape(config, info: BackboneInfo) -> None:
-    """For an adapter read from a checkpoint: the base model must have the shape it was trained on."""
-    recorded = config.backbone_shape
-    if not recorded or not getattr(config, "_ladder_loaded_from_checkpoint", False):
-        return
-    current = _shape_record(info)
-    if (
-        recorded.get("hidden_size") != current["hidden_size"]
-        or list(recorded.get("num_layers", [])) != current["num_layers"]
-    ):
-        raise ValueError(
-            f"This Ladder side-tuning adapter was trained on a {recorded.get('model_type')} backbone with hidden size "
-            f"{recorded.get('hidden_size')} and {recorded.get('num_layers')} layers, but the base model is a "
-            f"{current['model_type']} with hidden size {current['hidden_size']} and {current['num_layers']} layers. "
-            "Load it onto the base model it was trained on."
-        )
-
-
 def _tapped_layers(config, info: BackboneInfo) -> list[list[int]]:
     per_stack = []
     for stack in info.stacks:
@@ -229,6 +259,10 @@ def _tapped_layers(config, info: BackboneInfo) -> list[list[int]]:
             )
         per_stack.append(list(config.side_layers))
     return per_stack
+
+
+def _is_empty(network: nn.Module) -> bool:
+    return any(p.is_meta for p in network.parameters())
 
 
 @contextlib.contextmanager

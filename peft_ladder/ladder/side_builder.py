@@ -78,9 +78,10 @@ def plan_stacks(model: nn.Module, info: BackboneInfo) -> list[StackPlan]:
 
 
 def build_side_network(
-    model: nn.Module, config, info: BackboneInfo, plans: list[StackPlan], tapped: list[list[int]]
+    model: nn.Module, config, info: BackboneInfo, plans: list[StackPlan], tapped: list[list[int]], side_block: str
 ) -> LadderSideNetwork:
-    """The side network of one adapter: a :class:`SideStack` per plan, tapping the layers in ``tapped``."""
+    """The side network of one adapter: a :class:`SideStack` per plan, tapping the layers in ``tapped``, with side
+    blocks of the backbone's class (``side_block="backbone"``) or the generic block (``"generic"``)."""
     output_mode = config.resolved_output_mode()
     stacks, rotaries = [], []
     for plan, layer_indices in zip(plans, tapped):
@@ -93,7 +94,7 @@ def build_side_network(
             side_config.layer_types = list(side_config.layer_types) + [
                 side_config.layer_types[i] for i in layer_indices
             ]
-        blocks, generic = _build_blocks(plan, side_config, shape, layer_indices, depth, config.side_block)
+        blocks, generic = _build_blocks(plan, side_config, shape, layer_indices, depth, side_block)
         rel = None
         if plan.rel_embeddings_owner is not None:
             table = plan.rel_embeddings_owner.get_rel_embedding()
