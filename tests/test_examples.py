@@ -41,7 +41,7 @@ SMOKE_RUNS = {
     ),
     "quantized_backbone_lst.py": (["--steps", "2"], "validation accuracy"),
 }
-TESTED_ELSEWHERE = {"distill.py": "tests/test_distill_example.py"}
+TESTED_ELSEWHERE = {"distill.py": "tests/distill/test_example.py"}
 
 
 def run_example(script: str, arguments: list[str], workdir: pathlib.Path) -> subprocess.CompletedProcess:

@@ -79,7 +79,7 @@ def test_config_values_are_validated():
         LadderSideConfig(init="magic")
     with pytest.raises(ValueError, match="replacing_rate"):
         TheseusConfig(replacing_rate=1.5)
-    with pytest.raises(ValueError, match="Unknown scheduler"):
+    with pytest.raises(ValueError, match="scheduler must be one of"):
         TheseusConfig(scheduler="cosine")
     with pytest.raises(ValueError, match="at least one layer"):
         TheseusConfig(num_successor_layers=0)

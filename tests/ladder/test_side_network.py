@@ -1,14 +1,127 @@
-"""The side network's KV cache: side slots mirror the backbone layer they sit beside."""
+"""The side network's KV cache (peft_ladder.ladder.side_network): generate() with side slots in the backbone's cache,
+cached equal to uncached for decoders and seq2seq, and side slots that mirror the backbone layer beside them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import transformers
+from conftest import tiny_model
 from peft import get_peft_model
+from transformers import DynamicCache
 
-import peft_ladder  # noqa: F401  (registers the method)
 from peft_ladder import LadderSideConfig
+
+CASES = {
+    "llama": (transformers.AutoModelForCausalLM, "CAUSAL_LM"),
+    "gpt2": (transformers.AutoModelForCausalLM, "CAUSAL_LM"),
+    "t5": (transformers.AutoModelForSeq2SeqLM, "SEQ_2_SEQ_LM"),
+    "bart": (transformers.AutoModelForSeq2SeqLM, "SEQ_2_SEQ_LM"),
+}
+
+
+def adapted(family: str):
+    """An adapter whose side network changes the outputs ("add" mode starts at the base model, so perturb it)."""
+    auto, task = CASES[family]
+    model = tiny_model(family, auto)
+    peft_model = get_peft_model(model, LadderSideConfig(task_type=task, reduction_factor=4)).eval()
+    torch.manual_seed(0)
+    for stack in peft_model.base_model.side_network.stacks:
+        if stack.up is not None:
+            torch.nn.init.normal_(stack.up.weight, std=0.5)
+    return model, peft_model
+
+
+PROMPT = torch.tensor([[5, 17, 42, 9, 33, 21], [7, 8, 90, 64, 12, 3]])
+GREEDY = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}  # min: tiny BART would stop at once
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_cached_generation_equals_uncached_greedy_and_beam(family):
+    model, peft_model = adapted(family)
+    pad = {"pad_token_id": model.config.pad_token_id}
+    with torch.no_grad():
+        greedy = peft_model.generate(input_ids=PROMPT, **GREEDY, **pad)
+        assert torch.equal(greedy, peft_model.generate(input_ids=PROMPT, use_cache=False, **GREEDY, **pad))
+        with peft_model.disable_adapter():
+            assert not torch.equal(greedy, peft_model.generate(input_ids=PROMPT, **GREEDY, **pad))
+        beam = peft_model.generate(input_ids=PROMPT, num_beams=2, num_return_sequences=2, **GREEDY, **pad)
+        beam_uncached = peft_model.generate(
+            input_ids=PROMPT, num_beams=2, num_return_sequences=2, use_cache=False, **GREEDY, **pad
+        )
+    assert beam.shape[0] == 4 and torch.equal(beam, beam_uncached)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_sampling_with_several_return_sequences(family):
+    model, peft_model = adapted(family)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        samples = peft_model.generate(
+            input_ids=PROMPT,
+            do_sample=True,
+            top_k=20,
+            num_return_sequences=3,
+            max_new_tokens=4,
+            pad_token_id=model.config.pad_token_id,
+        )
+    assert samples.shape[0] == 6
+
+
+def test_side_blocks_see_one_new_token_per_decode_step():
+    model, peft_model = adapted("llama")
+    seen = []
+    block = peft_model.base_model.side_network.stacks[0].blocks[0]
+    handle = block.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True
+    )
+    with torch.no_grad():
+        peft_model.generate(input_ids=PROMPT, max_new_tokens=5, do_sample=False)
+    handle.remove()
+    assert seen == [6, 1, 1, 1, 1]
+
+
+def test_user_supplied_cache_holds_the_side_layers():
+    model, peft_model = adapted("llama")
+    cache = DynamicCache()
+    with torch.no_grad():
+        with_user_cache = peft_model.generate(input_ids=PROMPT, past_key_values=cache, **GREEDY)
+        default = peft_model.generate(input_ids=PROMPT, **GREEDY)
+    assert torch.equal(with_user_cache, default)
+    assert len(cache.layers) == 4 + 4  # backbone layers, then one slot per side block
+    assert cache.layers[4].keys.shape[-1] == 4  # side head dim 16 / 4
+
+
+def test_left_padded_batch_matches_unpadded_rows():
+    model, peft_model = adapted("llama")
+    short = torch.tensor([[17, 42, 9, 33]])
+    padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), short], dim=1)
+    batch = torch.cat([padded, PROMPT[1:]], dim=0)
+    mask = torch.ones_like(batch)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        together = peft_model.generate(input_ids=batch, attention_mask=mask, pad_token_id=0, **GREEDY)
+        alone = peft_model.generate(input_ids=short, pad_token_id=0, **GREEDY)
+    assert torch.equal(together[0, 6:], alone[0, 4:])
+
+
+@pytest.mark.slow
+def test_real_smollm2_generates_with_the_side_cache(smollm2_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    prompt = tokenizer(["To be, or not to be, that is"], return_tensors="pt")
+    with torch.no_grad():
+        base = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    peft_model = get_peft_model(model, LadderSideConfig(task_type="CAUSAL_LM", side_layers=[0, 10, 20, 29])).eval()
+    side = peft_model.base_model.side_network.stacks[0]
+    assert side.blocks[0].self_attn.head_dim == 8  # 64 / 8, 9 heads kept, 3 KV heads
+    with torch.no_grad():
+        assert torch.equal(peft_model.generate(**prompt, max_new_tokens=5, do_sample=False), base)  # add: step 0
+        torch.manual_seed(0)
+        torch.nn.init.normal_(side.up.weight, std=5.0)  # SmolLM2's residual stream is large
+        cached = peft_model.generate(**prompt, max_new_tokens=5, do_sample=False)
+        uncached = peft_model.generate(**prompt, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached) and not torch.equal(cached, base)
 
 
 @pytest.fixture(scope="module")

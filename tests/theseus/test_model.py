@@ -19,7 +19,7 @@ from torch import nn
 from peft_ladder import TheseusCallback, TheseusConfig, UnsupportedModelError
 from peft_ladder.theseus.schedule import draw_replacements, replacing_rate, split_into_modules
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # family -> (auto class, path of the stack(s), config key of each stack's depth)
 FAMILIES = {

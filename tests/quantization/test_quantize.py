@@ -300,7 +300,7 @@ def test_nf4_state_dict_loads_safely_in_a_new_process(tmp_path):
     torch.save(batch(), tmp_path / "input_ids.pt")
     script = f"""
 import sys, torch, transformers
-sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+sys.path.insert(0, {str(pathlib.Path(__file__).parents[1])!r})
 from conftest import tiny_model
 from peft_ladder import quantize
 fresh = quantize(tiny_model("bert", transformers.AutoModelForSequenceClassification, seed=1, num_labels=8), "nf4")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "distill.py"
+EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "distill.py"
 
 
 def load_example():

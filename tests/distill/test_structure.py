@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 from peft import get_peft_model
-from test_distill_trainer import bert_classifier, classification_data, collate, distiller
 
+from distill.test_trainer import bert_classifier, classification_data, collate, distiller
 from peft_ladder import TheseusConfig
 from peft_ladder.distill.structure import module_boundary_hidden_states
 

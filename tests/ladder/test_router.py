@@ -1,0 +1,73 @@
+"""The LST forward route: graph-free backbone, grad mode restored, every wrapper routed, last logits in training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from conftest import tiny_model
+from helpers import family_inputs
+from peft import get_peft_model
+
+from peft_ladder import LadderSideConfig
+
+
+def test_backbone_graph_free_even_with_input_require_grads():
+    model = tiny_model("llama", transformers.AutoModelForCausalLM)
+    peft_model = get_peft_model(model, LadderSideConfig(task_type="CAUSAL_LM", reduction_factor=4)).train()
+    model.enable_input_require_grads()  # what Trainer/PEFT do for gradient checkpointing
+    seen = []
+    handles = [
+        layer.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+        for layer in model.model.layers
+    ]
+    inputs = family_inputs("llama")
+    peft_model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    for handle in handles:
+        handle.remove()
+    assert len(seen) == 4 and not any(output.requires_grad for output in seen)
+    assert all(p.grad is None for n, p in model.named_parameters())
+
+
+def test_a_raising_backbone_restores_grad_mode_and_removes_hooks():
+    model = tiny_model("llama", transformers.AutoModelForCausalLM)
+    peft_model = get_peft_model(model, LadderSideConfig(task_type="CAUSAL_LM", reduction_factor=4))
+    hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    def explode(module, args, output):
+        raise RuntimeError("backbone failure")
+
+    handle = model.model.layers[2].register_forward_hook(explode)
+    assert torch.is_grad_enabled()
+    with pytest.raises(RuntimeError, match="backbone failure"):
+        peft_model(**family_inputs("llama"))
+    handle.remove()
+    assert torch.is_grad_enabled()
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks_before
+
+
+def test_plain_peft_model_without_task_type_routes_through_the_side_network():
+    model = tiny_model("bert", transformers.AutoModel)
+    inputs = family_inputs("bert")
+    reference = model(**inputs).last_hidden_state
+    config = LadderSideConfig(reduction_factor=4, output_mode="replace")
+    peft_model = get_peft_model(model, config)  # no task type: a plain PeftModel, which calls the base directly
+    assert type(peft_model).__name__ == "PeftModel"
+    assert not torch.allclose(peft_model(**inputs).last_hidden_state, reference)
+    # the user's own reference to the base model routes too (the body's forward is what changes)
+    assert torch.equal(model(**inputs).last_hidden_state, peft_model(**inputs).last_hidden_state)
+
+
+def test_training_outputs_keep_only_last_logits_and_eval_returns_full_logits():
+    model = tiny_model("llama", transformers.AutoModelForCausalLM)
+    peft_model = get_peft_model(model, LadderSideConfig(task_type="CAUSAL_LM", reduction_factor=4))
+    inputs = family_inputs("llama")
+    peft_model.train()
+    train_out = peft_model(**inputs, labels=inputs["input_ids"])
+    assert train_out.logits.shape == (2, 1, 128)
+    assert train_out.past_key_values is None  # no KV cache kept alive in training
+    peft_model.eval()
+    with torch.no_grad():
+        eval_out = peft_model(**inputs, labels=inputs["input_ids"])
+    assert eval_out.logits.shape == (2, 7, 128)
+    assert torch.allclose(eval_out.loss, train_out.loss.detach(), atol=1e-5)  # dropout is 0 at step 0 in add mode
