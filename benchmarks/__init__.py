@@ -10,7 +10,9 @@ otherwise: a run never reads or writes your own cache. This has to happen before
 which reads these variables once.
 """
 
+import logging
 import os
+import warnings
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -20,3 +22,24 @@ HF_HOME = CACHE_DIR / "hf"
 os.environ["HF_HOME"] = str(HF_HOME)
 os.environ["HF_HUB_CACHE"] = str(HF_HOME / "hub")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Import-time notes of the pinned stack that say nothing about a run: torchao's optional CUDA kernels missing on a CPU
+# machine, torch's note on how torchao registers its enums.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
+def quiet() -> None:
+    """Keep a benchmark's console to its own progress and results: no load reports, no known deprecation notes."""
+    import huggingface_hub
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # load reports ("newly initialized: classifier"), tips
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
+    huggingface_hub.utils.disable_progress_bars()  # "Writing model shards" bars
+    for message, category in (
+        (".*is_gradient_checkpointing.*", FutureWarning),  # PEFT reads a renamed transformers attribute
+        (".*quantize_per_tensor.*", UserWarning),  # int8-dynamic (torch.ao quantize_dynamic) is deprecated upstream
+        ("Could not find a config file in", UserWarning),  # PEFT asks the (offline) Hub while saving an adapter
+    ):
+        warnings.filterwarnings("ignore", message=message, category=category)

@@ -19,20 +19,23 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import time
 from pathlib import Path
 
+import benchmarks  # first: the repository's offline Hugging Face cache
+
+# isort: split
 import torch
 import transformers
 from peft import get_peft_model
 
 import peft_ladder
 from benchmarks import assets
+from benchmarks.data import Splits, accuracy, load
 from benchmarks.memory import presets
 from benchmarks.memory.measure import CellSettings, run_cell_isolated
 from benchmarks.memory.methods import METHODS
-from benchmarks.quality import textcls
+from benchmarks.training import in_memory_bytes, latencies, train
 
 FINETUNE_METHODS = ("lst", "lora", "full")
 # Learning rates per method (LST wants about 10x a LoRA rate: shared/DESIGN.md); the quality suites tune them.
@@ -69,10 +72,6 @@ def directory_bytes(path: Path) -> int:
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
 
-def in_memory_bytes(model: torch.nn.Module) -> int:
-    return sum(peft_ladder.model_size_by_dtype(model).values())
-
-
 def stack_bytes(model: torch.nn.Module) -> int:
     """Bytes of the transformer layers alone: what quantization shrinks (embeddings and head stay exact)."""
     return sum(in_memory_bytes(stack.layers) for stack in peft_ladder.inspect_backbone(model).stacks)
@@ -83,7 +82,7 @@ def load_classifier(model_path: str, seed: int) -> torch.nn.Module:
     return transformers.AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
 
 
-def finetune(method: str, args, data: textcls.TokenizedSplits, model_path: str, output_dir: Path):
+def finetune(method: str, args, data: Splits, model_path: str, output_dir: Path):
     """Train one method for the shared step budget; returns the trained model and its figures."""
     spec = presets.resolve(model_path)
     model = METHODS[method].prepare(load_classifier(model_path, args.seed), spec)  # the bench's exact recipes
@@ -91,11 +90,11 @@ def finetune(method: str, args, data: textcls.TokenizedSplits, model_path: str, 
     total = sum(p.numel() for p in model.parameters())
     log(f"fine-tuning with {method}: {trainable:,} trainable of {total:,} parameters, lr {LEARNING_RATES[method]:g}")
     started = time.perf_counter()
-    textcls.train(
+    train(
         model,
         data.train,
-        collator=data.collator,
-        max_steps=args.max_steps,
+        data.collator,
+        steps=args.max_steps,
         learning_rate=LEARNING_RATES[method],
         seed=args.seed,
         batch_size=args.batch_size,
@@ -103,7 +102,7 @@ def finetune(method: str, args, data: textcls.TokenizedSplits, model_path: str, 
         show_progress=not args.no_progress,
     )
     seconds = time.perf_counter() - started
-    test_accuracy = textcls.accuracy(model, data.test, data.collator)
+    test_accuracy = accuracy(model, data.test, data.collator)
     log(f"{method}: test accuracy {test_accuracy:.3f}")
     figures = {
         "test_accuracy": test_accuracy,
@@ -139,8 +138,7 @@ def training_cost(args, model_path: str) -> dict[str, dict]:
     return cells
 
 
-@torch.inference_mode()
-def latencies(models: dict[str, torch.nn.Module], data: textcls.TokenizedSplits, args) -> dict[str, float]:
+def batch_latencies(models: dict[str, torch.nn.Module], data: Splits, args) -> dict[str, float]:
     """Median seconds per test batch of each model, timed interleaved so machine load hits every model alike."""
     batches = [
         data.collator(data.test[start : start + args.batch_size])
@@ -148,20 +146,11 @@ def latencies(models: dict[str, torch.nn.Module], data: textcls.TokenizedSplits,
     ]
     for batch in batches:
         batch.pop("labels")
-    timings = {name: [] for name in models}
-    for model in models.values():
-        model.eval()
-        model(**batches[0])  # warm-up
-    for _ in range(args.latency_repeats):
-        for name, model in models.items():
-            started = time.perf_counter()
-            for batch in batches:
-                model(**batch)
-            timings[name].append((time.perf_counter() - started) / len(batches))
-    return {name: statistics.median(values) for name, values in timings.items()}
+    seconds = latencies(models, batches, args.latency_repeats)
+    return {name: value / len(batches) for name, value in seconds.items()}
 
 
-def compress(predecessor, args, data: textcls.TokenizedSplits, output_dir: Path):
+def compress(predecessor, args, data: Splits, output_dir: Path):
     """BERT-of-Theseus 6 -> 3 on the fine-tuned model; returns the standalone 3-layer model and its figures."""
     layers = peft_ladder.inspect_backbone(predecessor).num_layers
     config = peft_ladder.TheseusConfig(
@@ -173,11 +162,11 @@ def compress(predecessor, args, data: textcls.TokenizedSplits, output_dir: Path)
     )
     theseus = get_peft_model(copy.deepcopy(predecessor), config)
     log(f"compressing {layers} -> {SUCCESSOR_LAYERS} layers with Theseus, {args.theseus_steps} steps")
-    textcls.train(
+    train(
         theseus,
         data.train,
-        collator=data.collator,
-        max_steps=args.theseus_steps,
+        data.collator,
+        steps=args.theseus_steps,
         learning_rate=LEARNING_RATES["theseus"],
         seed=args.seed,
         batch_size=args.batch_size,
@@ -195,8 +184,8 @@ def run(args) -> dict:
     model_path = assets.install_minilm() if args.model == assets.MINILM_HUB_ID else args.model
     started = time.perf_counter()
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-    data = textcls.tokenize_splits(
-        assets.rotten_tomatoes(),
+    data = load(
+        "rotten_tomatoes",
         tokenizer,
         max_length=args.max_length,
         train_examples=args.train_examples,
@@ -224,13 +213,15 @@ def run(args) -> dict:
     # 3. Compress the fully fine-tuned model 6 -> 3 layers with Theseus.
     predecessor = trained["full"]
     compressed, predecessor_layers = compress(predecessor, args, data, output_dir)
-    compressed_test = textcls.accuracy(compressed, data.test, data.collator)
+    compressed_test = accuracy(compressed, data.test, data.collator)
 
     # 4. Quantize the compressed model to int8 (a copy: the fp32 one stays for the comparison).
     quantized = peft_ladder.quantize(copy.deepcopy(compressed), QUANTIZATION_SCHEME)
-    quantized_test = textcls.accuracy(quantized, data.test, data.collator)
+    quantized_test = accuracy(quantized, data.test, data.collator)
     log("timing inference (interleaved)")
-    timing = latencies({"predecessor": predecessor, "compressed": compressed, "quantized": quantized}, data, args)
+    timing = batch_latencies(
+        {"predecessor": predecessor, "compressed": compressed, "quantized": quantized}, data, args
+    )
     full_test = results["finetune"]["full"]["test_accuracy"]
     results["compression"] = {
         "layers": [predecessor_layers, SUCCESSOR_LAYERS],
@@ -346,6 +337,7 @@ def plot_summary(results: dict, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    benchmarks.quiet()
     return run(parse_args(argv))
 
 

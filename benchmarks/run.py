@@ -1,38 +1,541 @@
-"""``python -m benchmarks.run [SUITE ...]``: run the quality suites with their declared protocols.
+"""``python -m benchmarks.run [EXPERIMENT ...]``: run quality experiments declared as data, resumably.
 
-Every suite is a module of ``benchmarks.quality`` whose ``main(argv)`` runs it; the arguments below are the ones each
-runs with by default (its declared grids, seeds and splits). A failing suite is reported and the others still run.
+Each experiment is one small JSON file, ``benchmarks/experiments/<suite>/<name>.json``; a suite is a folder of them.
+EXPERIMENT is a suite (``lst_quality``), one experiment (``lst_quality/lora``) or a path to a JSON file; none means
+every suite. An experiment declares its model, data, method and config, learning-rate grid, steps, batch size and
+seeds (the fields are described in ``benchmarks/experiments/README.md``).
+
+Protocol, the same for every experiment: the learning rate is chosen on the validation split with the first seed
+(from the grid, or the rate another experiment chose), then the other seeds run at that rate; test figures are
+reported over all seeds. Seed-0 grids of a whole suite run before any other seed, so that a run cut short still
+compares every method. Each run is written as JSON under ``--results`` (``<suite>/<experiment>/lr=...-seed=....json``)
+as soon as it finishes and is never run twice: run the same command again to resume. ``--report`` prints the tables
+from what is there.
 """
 
-import importlib
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
-SUITES = {
-    "lst_quality": [[]],
-    "lst_clm_quality": [[]],
-    "theseus_quality": [[]],
-    "distill_quality": [[]],
-    "quant_quality": [["lst"], ["deploy"]],
-}
+import benchmarks  # first: the repository's offline Hugging Face cache
+
+# isort: split
+import torch
+import transformers
+
+import peft_ladder
+from benchmarks import assets, data, stats, training
+
+EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
+DEFAULT_RESULTS = Path("runs/results")
+SMOKE_RESULTS = Path("runs/results-smoke")
+FIELDS = {
+    "description", "kind", "model", "init_from", "data", "method", "config", "learning_rate", "steps", "batch_size",
+    "seeds", "training", "distill", "quantize", "deploy", "save_model", "compare_to", "models", "repeats", "seq_len",
+}  # fmt: skip
+DATA_DEFAULTS = {"dataset": "rotten_tomatoes", "max_length": 64, "train_examples": None, "eval_examples": None}
+# --smoke: the pipeline end to end in seconds; its results go to their own folder and mean nothing
+SMOKE = {"steps": 2, "batch_size": 8, "train_examples": 32, "eval_examples": 16, "max_length": 32, "repeats": 1}
 
 
-def main(names: list[str]) -> int:
-    unknown = sorted(set(names) - set(SUITES))
+@dataclass(eq=False)  # compared and hashed by identity: one object per declaration
+class Experiment:
+    suite: str
+    name: str
+    spec: dict  # the declaration, with the defaults filled in and the command line's overrides applied
+
+    @property
+    def key(self) -> str:
+        return f"{self.suite}/{self.name}"
+
+
+# ---------------------------------------------------------------------------------------------------- declarations
+def load_experiment(path: Path, overrides: dict) -> Experiment:
+    spec = json.loads(path.read_text())
+    unknown = sorted(set(spec) - FIELDS)
     if unknown:
-        raise SystemExit(f"unknown suite(s) {unknown}; choose from {', '.join(SUITES)}")
+        raise ValueError(f"{path}: unknown field(s) {unknown}; the fields are {sorted(FIELDS)}")
+    spec.setdefault("kind", "train")
+    spec.setdefault("model", "minilm")
+    spec["data"] = {**DATA_DEFAULTS, **spec.get("data", {})}
+    spec.setdefault("config", {})
+    spec.setdefault("seeds", [0])
+    spec.setdefault("batch_size", 32)
+    spec.setdefault("training", {})
+    if spec["kind"] == "train":
+        for field in ("method", "learning_rate", "steps"):
+            if field not in spec:
+                raise ValueError(f"{path}: a training experiment needs {field!r}")
+        if spec["method"] not in training.METHODS:
+            raise ValueError(f"{path}: method {spec['method']!r} is not one of {training.METHODS}")
+    elif spec["kind"] != "latency":
+        raise ValueError(f"{path}: kind must be 'train' or 'latency', got {spec['kind']!r}")
+    _apply_overrides(spec, overrides)
+    return Experiment(suite=path.parent.name, name=path.stem, spec=spec)
+
+
+def _apply_overrides(spec: dict, overrides: dict) -> None:
+    if overrides.get("smoke"):
+        if spec["kind"] == "latency":
+            spec.update(repeats=SMOKE["repeats"], batch_size=2, seq_len=16)
+            return
+        spec["steps"] = min(spec["steps"], SMOKE["steps"])
+        spec["batch_size"] = SMOKE["batch_size"]
+        spec["seeds"] = spec["seeds"][:1]
+        if isinstance(spec["learning_rate"], list):
+            spec["learning_rate"] = spec["learning_rate"][:1]
+        spec["data"].update(train_examples=SMOKE["train_examples"], eval_examples=SMOKE["eval_examples"])
+        spec["data"]["max_length"] = min(spec["data"]["max_length"], SMOKE["max_length"])
+        if "deploy" in spec:
+            spec["deploy"]["repeats"] = SMOKE["repeats"]
+    if spec["kind"] != "train":
+        return
+    if overrides.get("steps") is not None and spec["steps"] > 0:
+        spec["steps"] = overrides["steps"]
+    if overrides.get("seeds") is not None:
+        spec["seeds"] = list(overrides["seeds"])
+    for field in ("train_examples", "eval_examples"):
+        if overrides.get(field) is not None:
+            spec["data"][field] = overrides[field]
+
+
+def select(names: list[str], overrides: dict) -> dict[str, list[Experiment]]:
+    """The experiments to run, by suite, with every experiment they depend on (in the same suite) added."""
+    chosen: dict[str, set[str] | None] = {}
+    for name in names or sorted(path.name for path in EXPERIMENTS.iterdir() if path.is_dir()):
+        path = Path(name)
+        if path.suffix == ".json":
+            chosen.setdefault(str(path.resolve().parent), set()).add(path.stem)
+        elif (EXPERIMENTS / name).is_dir():
+            chosen[str(EXPERIMENTS / name)] = None  # the whole suite
+        elif (EXPERIMENTS / f"{name}.json").is_file():
+            suite, stem = name.split("/", 1)
+            if chosen.get(str(EXPERIMENTS / suite), set()) is not None:
+                chosen.setdefault(str(EXPERIMENTS / suite), set()).add(stem)
+        else:
+            suites = ", ".join(sorted(path.name for path in EXPERIMENTS.iterdir() if path.is_dir()))
+            raise SystemExit(f"no experiment or suite {name!r}; suites: {suites} (or SUITE/NAME, or a .json path)")
+    selected = {}
+    for folder, stems in chosen.items():
+        every = {path.stem: load_experiment(path, overrides) for path in sorted(Path(folder).glob("*.json"))}
+        selected[Path(folder).name] = _in_dependency_order(every, sorted(every) if stems is None else sorted(stems))
+    return selected
+
+
+def _in_dependency_order(every: dict[str, Experiment], wanted: list[str]) -> list[Experiment]:
+    """``wanted`` and what they depend on, each after its dependencies; a missing or circular one is an error."""
+    ordered: list[Experiment] = []
+
+    def visit(stem: str, trail: tuple[str, ...]) -> None:
+        if stem not in every:
+            raise ValueError(f"{' -> '.join(trail)} depends on {stem!r}, which is not in the suite")
+        if stem in trail:
+            raise ValueError(f"circular dependency {' -> '.join((*trail, stem))}")
+        if every[stem] not in ordered:
+            for dependency in _dependencies(every[stem].spec):
+                visit(dependency, (*trail, stem))
+            ordered.append(every[stem])
+
+    for stem in wanted:
+        visit(stem, ())
+    return ordered
+
+
+def _dependencies(spec: dict) -> list[str]:
+    names = [spec.get("init_from"), (spec.get("distill") or {}).get("teacher")]
+    if isinstance(spec.get("learning_rate"), dict):
+        names.append(spec["learning_rate"]["from"])
+    return [name for name in names if name]
+
+
+def _with_steps(config: dict, steps: int) -> dict:
+    """Config values written in terms of the step budget ("steps // 2", "1 / steps") evaluated for this run."""
+    resolved = {}
+    for key, value in config.items():
+        if isinstance(value, str) and "steps" in value:
+            if not re.fullmatch(r"[\dsteps+\-*/(). ]+", value):
+                raise ValueError(f"{key}={value!r}: only arithmetic on 'steps' is allowed")
+            value = eval(value, {"__builtins__": {}}, {"steps": steps})  # noqa: S307 - checked to be arithmetic
+        resolved[key] = value
+    return resolved
+
+
+# ---------------------------------------------------------------------------------------------------- running
+class Runner:
+    """Runs experiments once each, caching every run's result (and model, where another run needs it) on disk."""
+
+    def __init__(self, experiments: dict[str, list[Experiment]], results: Path, model_dir=None, data_json=None):
+        self.experiments = {experiment.key: experiment for suite in experiments.values() for experiment in suite}
+        self.results = results
+        self.model_dir = model_dir  # a copy of all-MiniLM-L6-v2, for a machine without the asset packages
+        self.data_json = data_json
+        self._data: dict[tuple, data.Splits] = {}
+
+    def experiment(self, suite: str, name: str) -> Experiment:
+        return self.experiments[f"{suite}/{name}"]
+
+    def base_model(self, spec: dict) -> str:
+        if spec["model"] == "minilm":
+            return str(self.model_dir) if self.model_dir else assets.install_minilm()
+        if spec["model"] == "smollm2":
+            return str(assets.smollm2_path())
+        return spec["model"]  # a Hub id or a local checkpoint
+
+    def splits(self, spec: dict) -> data.Splits:
+        settings = spec["data"]
+        key = (self.base_model(spec), *sorted(settings.items()))
+        if key not in self._data:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(self.base_model(spec))
+            self._data[key] = data.load(tokenizer=tokenizer, splits_json=self.data_json, **settings)
+        return self._data[key]
+
+    def run_path(self, experiment: Experiment, lr: float, seed: int) -> Path:
+        return self.results / experiment.suite / experiment.name / f"lr={lr:g}-seed={seed}.json"
+
+    def chosen_lr(self, experiment: Experiment) -> float:
+        """The learning rate chosen on validation with the first seed (running the grid if needed)."""
+        rates = experiment.spec["learning_rate"]
+        if isinstance(rates, dict):
+            return self.chosen_lr(self.experiment(experiment.suite, rates["from"]))
+        runs = [self.result(experiment, lr, experiment.spec["seeds"][0]) for lr in rates]
+        better = max if self.splits(experiment.spec).metric == "accuracy" else min
+        return better(runs, key=lambda run: run["validation"])["lr"]
+
+    def trained_model(self, suite: str, name: str, seed: int) -> Path:
+        """Another experiment's saved model at its chosen rate, at ``seed`` if it runs that seed, else at its first."""
+        source = self.experiment(suite, name)
+        if not source.spec.get("save_model"):
+            raise ValueError(f"{source.key} must set save_model to be used by another experiment")
+        seed = seed if seed in source.spec["seeds"] else source.spec["seeds"][0]
+        lr = self.chosen_lr(source)
+        self.result(source, lr, seed)
+        return self.run_path(source, lr, seed).with_suffix("")
+
+    def result(self, experiment: Experiment, lr: float, seed: int) -> dict:
+        path = self.run_path(experiment, lr, seed)
+        if path.exists():
+            cached = json.loads(path.read_text())
+            if cached["settings"] != experiment.spec:
+                raise SystemExit(
+                    f"{path} was produced with other settings than {experiment.key} declares now; pass another "
+                    "--results folder (or delete that file to rerun it)."
+                )
+            if not experiment.spec.get("save_model") or (path.with_suffix("") / "config.json").exists():
+                return cached
+        print(f"[{experiment.key}] lr={lr:g} seed={seed}: training", flush=True)
+        result = self.train(experiment, lr, seed, path.with_suffix(""))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(result, indent=1))
+        partial.replace(path)  # atomic: an interrupted run leaves no half-written result
+        scores = ", ".join(f"{split} {result[split]:.4g}" for split in ("validation", "test"))
+        print(f"[{experiment.key}] lr={lr:g} seed={seed}: {scores} ({result['train_seconds']:.0f} s)", flush=True)
+        return result
+
+    def train(self, experiment: Experiment, lr: float, seed: int, run_dir: Path) -> dict:
+        spec = experiment.spec
+        splits = self.splits(spec)
+        task_type = "SEQ_CLS" if splits.metric == "accuracy" else "CAUSAL_LM"
+        auto_class = transformers.AutoModelForSequenceClassification
+        if task_type == "CAUSAL_LM":
+            auto_class = transformers.AutoModelForCausalLM
+        weights = self.base_model(spec)
+        if spec.get("init_from"):
+            weights = self.trained_model(experiment.suite, spec["init_from"], seed)
+        extra = {"num_labels": 2} if task_type == "SEQ_CLS" and not spec.get("init_from") else {}
+        transformers.set_seed(seed)  # a new head, LoRA's A matrices, random side weights
+        model = auto_class.from_pretrained(weights, dtype=torch.float32, **extra)
+        quantize = spec.get("quantize")
+        if quantize and quantize["at"] == "before":
+            peft_ladder.quantize(model, quantize["scheme"])
+        config = _with_steps(spec["config"], spec["steps"])
+        if spec["method"] == "theseus":
+            config.setdefault("seed", seed)  # the replacement draws
+        transformers.set_seed(seed)
+        model = training.apply_method(model, spec["method"], config, task_type)
+        if quantize and quantize["at"] == "after":  # the side network was built from the full-precision weights
+            peft_ladder.quantize(model.get_base_model(), quantize["scheme"])
+        teacher = None
+        if spec.get("distill"):
+            teacher_dir = self.trained_model(experiment.suite, spec["distill"]["teacher"], seed)
+            teacher = auto_class.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+        trainable = training.trainable_parameters(model) if spec["steps"] > 0 else 0
+        started = time.perf_counter()
+        last_log = None
+        if spec["steps"] > 0:
+            trainer = training.train(
+                model,
+                splits.train,
+                splits.collator,
+                steps=spec["steps"],
+                learning_rate=lr,
+                seed=seed,
+                batch_size=spec["batch_size"],
+                output_dir=run_dir / "trainer",
+                teacher=teacher,
+                distill={key: value for key, value in (spec.get("distill") or {}).items() if key != "teacher"},
+                **spec["training"],
+            )
+            last_log = next((entry for entry in reversed(trainer.state.log_history) if "loss" in entry), None)
+        seconds = time.perf_counter() - started
+        final = training.finalize(model, spec["method"])
+        result = dict(
+            experiment=experiment.key,
+            method=spec["method"],
+            lr=lr,
+            seed=seed,
+            steps=spec["steps"],
+            train_examples=len(splits.train),
+            trainable=trainable,
+            train_seconds=seconds,
+            device=str(next(final.parameters()).device),
+            last_log=last_log,
+            **data.evaluate(final, splits),
+        )
+        if splits.metric == "accuracy":
+            result["backbone_linear_bytes"] = training.linear_weight_bytes(final)
+        if spec.get("deploy"):
+            result["deploy"] = self.deploy(final, splits, spec["deploy"])
+        if spec.get("save_model"):
+            final.save_pretrained(run_dir)
+        result["settings"] = spec
+        result["environment"] = environment()
+        return result
+
+    @staticmethod
+    def deploy(model, splits: data.Splits, settings: dict) -> dict:
+        """Accuracy, size and inference time of ``model`` and of a quantized copy per scheme, timed interleaved."""
+        variants = {"fp32": model.eval()}
+        for scheme in settings["schemes"]:
+            variants[scheme] = peft_ladder.quantize(copy.deepcopy(model), scheme)
+        size = settings.get("batch_size", 64)
+        batches = [splits.collator(splits.test[start : start + size]) for start in range(0, len(splits.test), size)]
+        for batch in batches:
+            batch.pop("labels")
+        seconds = training.latencies(variants, batches, settings["repeats"])
+        return {
+            name: dict(
+                seconds_per_test_pass=seconds[name],
+                speedup_vs_fp32=seconds["fp32"] / seconds[name],
+                model_bytes=training.in_memory_bytes(variant),
+                linear_bytes=training.linear_weight_bytes(variant),
+                **data.evaluate(variant, splits),
+            )
+            for name, variant in variants.items()
+        }
+
+    def latency(self, experiment: Experiment) -> dict:
+        """Median inference time of each declared model (untrained: time does not depend on the weights' values)."""
+        path = self.results / experiment.suite / experiment.name / "latency.json"
+        spec = experiment.spec
+        if path.exists() and json.loads(path.read_text())["settings"] == spec:
+            return json.loads(path.read_text())
+        print(f"[{experiment.key}] timing {', '.join(spec['models'])}", flush=True)
+        models = {}
+        for name, declared in spec["models"].items():
+            transformers.set_seed(0)
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                self.base_model(spec), num_labels=2, dtype=torch.float32
+            )
+            method = declared.get("method", "full")
+            models[name] = training.finalize(
+                training.apply_method(model, method, declared.get("config", {}), ""), method
+            )
+        generator = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(1000, 20000, (spec["batch_size"], spec["seq_len"]), generator=generator)
+        batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        seconds = training.latencies(models, [batch], spec["repeats"])
+        names = list(models)
+        result = dict(
+            experiment=experiment.key,
+            threads=torch.get_num_threads(),
+            layers={name: peft_ladder.inspect_backbone(model).num_layers for name, model in models.items()},
+            median_seconds=seconds,
+            speedup=seconds[names[0]] / seconds[names[-1]],
+            settings=spec,
+            environment=environment(),
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        return result
+
+    def run_suite(self, experiments: list[Experiment]) -> None:
+        trained = [experiment for experiment in experiments if experiment.spec["kind"] == "train"]
+        for experiment in trained:  # every seed-0 grid first: a run cut short still compares every method
+            self.result(experiment, self.chosen_lr(experiment), experiment.spec["seeds"][0])
+        for experiment in trained:
+            lr = self.chosen_lr(experiment)
+            for seed in experiment.spec["seeds"][1:]:
+                self.result(experiment, lr, seed)
+        for experiment in experiments:
+            if experiment.spec["kind"] == "latency":
+                self.latency(experiment)
+
+
+def environment() -> dict:
+    import peft
+
+    return dict(
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        peft=peft.__version__,
+        peft_ladder=peft_ladder.__version__,
+        threads=torch.get_num_threads(),
+        cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        date_utc=time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def _runs(results: Path, experiment: Experiment) -> list[dict]:
+    folder = results / experiment.suite / experiment.name
+    runs = [json.loads(path.read_text()) for path in sorted(folder.glob("lr=*.json"))]
+    return [run for run in runs if run["settings"] == experiment.spec]
+
+
+def _chosen(runs: list[dict], experiment: Experiment, metric: str, all_runs: dict) -> float | None:
+    rates = experiment.spec["learning_rate"]
+    if isinstance(rates, dict):
+        source = next(e for e in all_runs if e.name == rates["from"] and e.suite == experiment.suite)
+        return _chosen(all_runs[source], source, metric, all_runs)
+    first = [run for run in runs if run["seed"] == experiment.spec["seeds"][0]]
+    if not first:
+        return None
+    better = max if metric == "accuracy" else min
+    return better(first, key=lambda run: run["validation"])["lr"]
+
+
+def report(experiments: list[Experiment], results: Path) -> str:
+    """One markdown table of a suite: chosen rate, validation per rate, test over seeds, and comparisons."""
+    trained = [experiment for experiment in experiments if experiment.spec["kind"] == "train"]
+    all_runs = {experiment: _runs(results, experiment) for experiment in trained}
+    lines = [
+        "| experiment | lr (chosen on validation) | trainable | validation (first seed) per lr | test, mean ± std "
+        "| 95% bootstrap CI | vs reference |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    tests_by_name = {}
+    for experiment in trained:
+        runs = all_runs[experiment]
+        if not runs:
+            lines.append(f"| {experiment.name} | not run | | | | | |")
+            continue
+        metric = "accuracy" if experiment.spec["data"]["dataset"] != "hamlet" else "perplexity"
+        scale, digits = (100.0, 1) if metric == "accuracy" else (1.0, 2)
+        lr = _chosen(runs, experiment, metric, all_runs)
+        chosen = {run["seed"]: run for run in runs if run["lr"] == lr}
+        tests_by_name[experiment.name] = {seed: run["test"] for seed, run in chosen.items()}
+        tests = list(tests_by_name[experiment.name].values())
+        grid = ", ".join(
+            f"{run['lr']:g}: {run['validation'] * scale:.{digits}f}"
+            for run in sorted(runs, key=lambda run: run["lr"])
+            if run["seed"] == experiment.spec["seeds"][0]
+        )
+        low, high = stats.bootstrap_ci(tests)
+        versus = _versus(experiment, tests_by_name, metric)
+        lines.append(
+            f"| {experiment.name} | {lr:g} | {runs[0]['trainable']:,} | {grid} "
+            f"| {stats.format_mean_std(tests, scale, digits)} (n={len(tests)}) "
+            f"| [{low * scale:.{digits}f}, {high * scale:.{digits}f}] | {versus} |"
+        )
+        deployed = [run["deploy"] for run in chosen.values() if "deploy" in run]
+        for scheme in [name for name in deployed[0] if name != "fp32"] if deployed else []:
+            speedups = [variant[scheme]["speedup_vs_fp32"] for variant in deployed]
+            lines.append(
+                f"| {experiment.name}, deployed {scheme} | | | "
+                f"{stats.format_mean_std([variant[scheme]['validation'] for variant in deployed])} "
+                f"| {stats.format_mean_std([variant[scheme]['test'] for variant in deployed])} (n={len(deployed)}) "
+                f"| | {sorted(speedups)[len(speedups) // 2]:.2f}x faster than fp32 (median) |"
+            )
+    for experiment in experiments:
+        path = results / experiment.suite / experiment.name / "latency.json"
+        if experiment.spec["kind"] == "latency" and path.exists():
+            timing = json.loads(path.read_text())
+            times = ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in timing["median_seconds"].items())
+            lines.append(
+                f"\n{experiment.name}: {times}; speed-up {timing['speedup']:.2f}x ({timing['threads']} threads)"
+            )
+    return "\n".join(lines)
+
+
+def _versus(experiment: Experiment, tests_by_name: dict, metric: str) -> str:
+    """Test figure against the ``compare_to`` experiment's: share retained (accuracy) and the paired difference."""
+    reference = experiment.spec.get("compare_to")
+    if not reference or reference not in tests_by_name:
+        return ""
+    mine, theirs = tests_by_name[experiment.name], tests_by_name[reference]
+    paired = [mine[seed] - theirs[seed] for seed in mine if seed in theirs]
+    parts = []
+    if metric == "accuracy":
+        retained = stats.mean_std(list(mine.values()))[0] / stats.mean_std(list(theirs.values()))[0]
+        parts.append(f"{100 * retained:.1f}% of {reference}")
+    if paired:
+        scale = 100.0 if metric == "accuracy" else 1.0
+        parts.append(f"paired diff vs {reference} {stats.format_mean_std(paired, scale, 2)} (n={len(paired)})")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("experiments", nargs="*", help="suites, SUITE/NAME or .json paths (default: every suite)")
+    parser.add_argument(
+        "--results", type=Path, default=None, help=f"default {DEFAULT_RESULTS} ({SMOKE_RESULTS} with --smoke)"
+    )
+    parser.add_argument("--report", action="store_true", help="print the tables from the results there and exit")
+    parser.add_argument("--list", action="store_true", help="list the experiments and exit")
+    parser.add_argument("--smoke", action="store_true", help="a few steps on a few examples: checks the pipeline")
+    parser.add_argument("--steps", type=int, help="optimizer steps of every training experiment")
+    parser.add_argument("--train-examples", type=int, help="first N training examples")
+    parser.add_argument("--eval-examples", type=int, help="first N validation and test examples")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (the first one chooses the learning rate)")
+    parser.add_argument("--model-dir", type=Path, help="a copy of all-MiniLM-L6-v2 (a machine without the assets)")
+    parser.add_argument("--data-json", type=Path, help="Rotten Tomatoes splits from python -m benchmarks.data FILE")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = dict(
+        smoke=args.smoke,
+        steps=args.steps,
+        train_examples=args.train_examples,
+        eval_examples=args.eval_examples,
+        seeds=args.seeds,
+    )
+    suites = select(args.experiments, overrides)
+    results = args.results or (SMOKE_RESULTS if args.smoke else DEFAULT_RESULTS)
+    if args.list:
+        for experiments in suites.values():
+            for experiment in experiments:
+                print(f"{experiment.key}: {experiment.spec.get('description', '')}")
+        return 0
+    benchmarks.quiet()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runner = Runner(suites, results, args.model_dir, args.data_json)
     failures = 0
-    for name in names or list(SUITES):
-        for argv in SUITES[name]:
-            print(f"[quality] {name} {' '.join(argv)}", flush=True)
+    for suite, experiments in suites.items():
+        if not args.report:
             try:
-                importlib.import_module(f"benchmarks.quality.{name}").main(list(argv))
-            except (Exception, SystemExit) as error:  # one broken suite must not hide the others' results
-                if isinstance(error, SystemExit) and not error.code:
-                    continue
+                runner.run_suite(experiments)
+            except Exception as error:  # one broken suite must not hide the others' results
                 failures += 1
-                print(f"[quality] {name} failed: {type(error).__name__}: {error}", file=sys.stderr)
+                print(f"[{suite}] failed: {type(error).__name__}: {error}", file=sys.stderr)
+        table = report(experiments, results)
+        (results / suite).mkdir(parents=True, exist_ok=True)
+        (results / suite / "summary.md").write_text(table + "\n")
+        print(f"\n## {suite} ({results / suite})\n\n{table}\n")
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -28,8 +28,11 @@ import peft_ladder
 
 # The packaged offline model and data live in the repository's benchmarks/ (not installed): find them from here.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks import assets  # noqa: E402
-from benchmarks.quality import textcls  # noqa: E402
+from benchmarks import (  # noqa: E402
+    assets,  # noqa: E402
+    data,
+    training,
+)
 
 
 def load_base(seed: int = 0):
@@ -51,9 +54,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
 
     tokenizer = AutoTokenizer.from_pretrained(assets.minilm_path())
-    data = textcls.tokenize_splits(
-        assets.rotten_tomatoes(), tokenizer, max_length=64, train_examples=args.steps * 32, eval_examples=500
-    )
+    splits = data.load("rotten_tomatoes", tokenizer, max_length=64, train_examples=args.steps * 32, eval_examples=500)
 
     # 1. Quantize the backbone first: its encoder's linear layers; embeddings, norms and head stay exact.
     model = load_base()
@@ -66,22 +67,21 @@ def main() -> None:
     # 2. LST on top: only the side network (and the new head) trains, in full precision.
     peft_model = get_peft_model(model, peft_ladder.LadderSideConfig(task_type="SEQ_CLS", reduction_factor=8))
     peft_model.print_trainable_parameters()
-    textcls.train(
+    training.train(
         peft_model,
-        data.train,
-        collator=data.collator,
-        max_steps=args.steps,
+        splits.train,
+        splits.collator,
+        steps=args.steps,
         learning_rate=args.learning_rate,
         output_dir="runs/example-quantized-lst",
-        show_progress=False,
     )
-    print(f"validation accuracy: {textcls.accuracy(peft_model, data.validation, data.collator):.3f}")
+    print(f"validation accuracy: {data.accuracy(peft_model, splits.validation, splits.collator):.3f}")
 
     # 3. Save the adapter (safetensors, no quantized tensors) and reload it onto a freshly quantized base.
     with tempfile.TemporaryDirectory() as adapter_dir:
         peft_model.save_pretrained(adapter_dir)
         reloaded = PeftModel.from_pretrained(peft_ladder.quantize(load_base(), args.scheme), adapter_dir).eval()
-        batch = data.collator(data.validation[:16])
+        batch = splits.collator(splits.validation[:16])
         batch.pop("labels")
         with torch.no_grad():
             same = torch.equal(reloaded(**batch).logits, peft_model.eval()(**batch).logits)

@@ -1,55 +1,86 @@
-"""The shared text-classification helpers: tokenization, a short Trainer run, accuracy, and seed statistics."""
+"""The benchmarks' data module, training loop and seed statistics: tokenization, a short Trainer run, the metrics."""
+
+import math
 
 import pytest
 import torch
 import transformers
 
-from benchmarks.quality import textcls
+from benchmarks import data, stats, training
 
 
 def test_mean_std_and_bootstrap_ci_match_hand_computed_values():
-    mean, std = textcls.mean_std([0.8, 0.9, 0.7])
+    mean, std = stats.mean_std([0.8, 0.9, 0.7])
     assert mean == pytest.approx(0.8) and std == pytest.approx(0.1)
-    assert textcls.mean_std([0.5]) == (0.5, 0.0)
-    low, high = textcls.bootstrap_ci([0.8, 0.9, 0.7], resamples=2000)
+    assert stats.mean_std([0.5]) == (0.5, 0.0)
+    low, high = stats.bootstrap_ci([0.8, 0.9, 0.7], resamples=2000)
     # The bootstrap mean can never leave the observed range, and the interval must contain the sample mean.
     assert 0.7 - 1e-9 <= low < 0.8 < high <= 0.9 + 1e-9
-    assert textcls.bootstrap_ci([0.6, 0.6, 0.6]) == (pytest.approx(0.6), pytest.approx(0.6))
-    assert textcls.format_mean_std([0.8, 0.9, 0.7]) == "80.0 ± 10.0"
+    assert stats.bootstrap_ci([0.6, 0.6, 0.6]) == (pytest.approx(0.6), pytest.approx(0.6))
+    assert stats.format_mean_std([0.8, 0.9, 0.7]) == "80.0 ± 10.0"
     with pytest.raises(ValueError, match="at least one"):
-        textcls.mean_std([])
+        stats.mean_std([])
+
+
+def tiny_bert(vocab_size: int) -> transformers.BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=vocab_size
+    )
+    return transformers.BertForSequenceClassification(config)
 
 
 def test_tokenize_train_and_evaluate_a_tiny_classifier(minilm_dir, rotten_tomatoes, tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir)
-    data = textcls.tokenize_splits(rotten_tomatoes, tokenizer, max_length=16, train_examples=64, eval_examples=32)
-    assert (len(data.train), len(data.validation), len(data.test)) == (64, 32, 32)
-    assert max(len(example["input_ids"]) for example in data.train) <= 16
-    assert data.train[0]["labels"] == rotten_tomatoes.train[1][0]
+    splits = data.load("rotten_tomatoes", tokenizer, max_length=16, train_examples=64, eval_examples=32)
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (64, 32, 32)
+    assert splits.metric == "accuracy"
+    assert max(len(example["input_ids"]) for example in splits.train) <= 16
+    assert [example["labels"] for example in splits.train] == rotten_tomatoes.train[1][:64]
 
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=len(tokenizer)
-    )
-    model = transformers.BertForSequenceClassification(config)
+    model = tiny_bert(len(tokenizer))
     before = model.classifier.weight.detach().clone()
-    trainer = textcls.train(
-        model,
-        data.train,
-        collator=data.collator,
-        max_steps=2,
-        learning_rate=1e-3,
-        batch_size=8,
-        output_dir=tmp_path,
-        show_progress=False,
+    trainer = training.train(
+        model, splits.train, splits.collator, steps=2, learning_rate=1e-3, batch_size=8, output_dir=tmp_path
     )
     assert trainer.state.global_step == 2
+    assert trainer.args.lr_scheduler_type == "linear" and trainer.args.save_strategy == "no"
     assert not torch.equal(before, model.classifier.weight)
-    scores = textcls.evaluate(model, data)
-    assert set(scores) == {"validation", "test"}
+    scores = data.evaluate(model, splits)
     # Hand-check test accuracy against a direct forward pass.
-    batch = data.collator(data.test)
+    batch = splits.collator(splits.test)
     labels = batch.pop("labels")
     with torch.no_grad():
         expected = (model(**batch).logits.argmax(-1) == labels).float().mean().item()
     assert scores["test"] == pytest.approx(expected)
+
+
+def test_perplexity_is_the_exponential_of_the_mean_block_loss():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    blocks = [{"input_ids": row, "labels": row} for row in torch.randint(0, 64, (5, 12)).tolist()]
+    with torch.no_grad():
+        losses = [
+            model(input_ids=torch.tensor([b["input_ids"]]), labels=torch.tensor([b["labels"]])).loss for b in blocks
+        ]
+    expected = math.exp(sum(loss.item() for loss in losses) / len(losses))
+    # batches of 2 and a last batch of 1: the batch means are weighted by their sizes
+    got = data.perplexity(model, blocks, transformers.default_data_collator, batch_size=2)
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert 40 < got < 90  # an untrained 64-token model is close to uniform: perplexity near the vocabulary size
+
+
+def test_methods_train_what_they_declare():
+    model = training.apply_method(tiny_bert(128), "truncate", {"num_layers": 1, "train": "layers"}, "SEQ_CLS")
+    trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert model.config.num_hidden_layers == 1 and trainable == {"bert"}
+    assert all(".encoder.layer.0." in name for name, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="unknown method 'dora'"):
+        training.apply_method(tiny_bert(128), "dora", {}, "SEQ_CLS")
+    with pytest.raises(ValueError, match="train must be 'layers' or 'all'"):
+        training.apply_method(tiny_bert(128), "truncate", {"num_layers": 1, "train": "head"}, "SEQ_CLS")
+    theseus = training.apply_method(tiny_bert(128), "theseus", {"num_successor_layers": 1}, "SEQ_CLS")
+    assert training.finalize(theseus, "theseus").config.num_hidden_layers == 1  # the extracted successor

@@ -1,1 +1,0 @@
-"""Quality suites: accuracy and perplexity of each method under declared protocols."""

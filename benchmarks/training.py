@@ -1,0 +1,168 @@
+"""The one training loop of every quality experiment and the demo, built on ``transformers.Trainer``.
+
+A method turns a loaded model into the trainable one through the public API (:func:`apply_method`), :func:`train`
+runs ``Trainer`` (``DistillationTrainer`` when a teacher is given) for a fixed number of optimizer steps, and
+:func:`finalize` gives the model that is evaluated and deployed (Theseus' extracted successor). Benchmarks thus train
+through the same path users take.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import peft
+import torch
+import transformers
+from torch import nn
+
+import peft_ladder
+
+METHODS = ("base", "full", "lora", "lst", "theseus", "truncate")
+
+
+def apply_method(model: nn.Module, method: str, config: dict, task_type: str) -> nn.Module:
+    """``model`` made trainable by ``method`` with the fields of ``config``.
+
+    ``base`` and ``full`` leave it as loaded (``base`` is then not trained); ``lora`` and ``lst`` wrap it with
+    ``LoraConfig`` / ``LadderSideConfig(task_type=..., **config)``; ``theseus`` with ``TheseusConfig(**config)`` (its
+    ``task_type`` only when ``config`` names one: the successor trains alone, head frozen); ``truncate`` keeps the
+    first ``num_layers`` layers (``peft_ladder.truncate_layers``) and trains only them (``train="layers"``) or
+    everything (``train="all"``).
+    """
+    config = dict(config)
+    if method in ("base", "full"):
+        return model
+    if method == "lora":
+        return peft.get_peft_model(model, peft.LoraConfig(task_type=task_type, **config))
+    if method == "lst":
+        return peft.get_peft_model(model, peft_ladder.LadderSideConfig(task_type=task_type, **config))
+    if method == "theseus":
+        return peft.get_peft_model(model, peft_ladder.TheseusConfig(**config))
+    if method == "truncate":
+        train = config.pop("train", "layers")
+        student = peft_ladder.truncate_layers(model, config.pop("num_layers"))
+        if config:
+            raise ValueError(f"truncate takes num_layers and train; got also {sorted(config)}")
+        if train == "layers":  # the same trainable parameters as a Theseus successor: the kept layers
+            student.requires_grad_(False)
+            for stack in peft_ladder.inspect_backbone(student).stacks:
+                stack.layers.requires_grad_(True)
+        elif train != "all":
+            raise ValueError(f"truncate: train must be 'layers' or 'all', got {train!r}")
+        return student
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def finalize(model: nn.Module, method: str) -> nn.Module:
+    """The model to evaluate: a Theseus model's extracted successor (``merge_and_unload()``), else ``model``."""
+    return model.merge_and_unload() if method == "theseus" else model
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class _ProgressBarOnly(transformers.trainer_callback.ProgressCallback):
+    """The Trainer's progress bar without the log dictionaries it prints under it."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def train(
+    model: nn.Module,
+    train_dataset: list,
+    collator,
+    *,
+    steps: int,
+    learning_rate: float,
+    seed: int = 0,
+    batch_size: int = 32,
+    output_dir: str | Path = "runs/trainer",
+    teacher: nn.Module | None = None,
+    distill: dict | None = None,
+    callbacks: list | None = None,
+    show_progress: bool = False,
+    **training_args,
+) -> transformers.Trainer:
+    """Train ``model`` for ``steps`` optimizer steps with AdamW and linear decay, nothing saved; return the trainer.
+
+    With ``teacher`` the trainer is ``peft_ladder.DistillationTrainer`` and ``distill`` holds its
+    ``DistillationTrainingArguments`` fields (temperature, loss weights, layer map). The seed fixes data order and
+    dropout; seed the model's own initialisation (e.g. a new head) with ``transformers.set_seed`` before building it.
+    Extra keyword arguments go to ``TrainingArguments`` (``weight_decay``, ``warmup_steps``, ...).
+    """
+    settings = dict(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        data_seed=seed,
+        lr_scheduler_type="linear",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=max(1, steps // 5),
+        disable_tqdm=not show_progress,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    settings.update(training_args)
+    if teacher is None:
+        trainer_class, arguments = transformers.Trainer, transformers.TrainingArguments(**settings)
+    else:
+        arguments = peft_ladder.DistillationTrainingArguments(**settings, **(distill or {}))
+        trainer_class = peft_ladder.DistillationTrainer
+    extra = {"teacher_model": teacher} if teacher is not None else {}
+    trainer = trainer_class(
+        model=model,
+        args=arguments,
+        train_dataset=train_dataset,
+        data_collator=collator,
+        callbacks=callbacks,
+        **extra,
+    )
+    # The caller prints the figures that matter: keep at most the trainer's progress bar, not its log lines.
+    trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+    if show_progress:
+        trainer.remove_callback(transformers.trainer_callback.ProgressCallback)
+        trainer.add_callback(_ProgressBarOnly)
+    trainer.train()
+    return trainer
+
+
+def in_memory_bytes(model: nn.Module) -> int:
+    """Parameters and buffers, quantized weights counted with their scales (``peft_ladder.model_size_by_dtype``)."""
+    return sum(peft_ladder.model_size_by_dtype(model).values())
+
+
+def linear_weight_bytes(model: nn.Module) -> int:
+    """Bytes (scales included) of the linear layers inside the model's layer stacks: what ``quantize()`` converts."""
+    linear_types = (nn.Linear, torch.ao.nn.quantized.dynamic.Linear)
+    return sum(
+        in_memory_bytes(module)
+        for stack in peft_ladder.inspect_backbone(model).stacks
+        for module in stack.layers.modules()
+        if isinstance(module, linear_types)
+    )
+
+
+@torch.inference_mode()
+def latencies(models: dict[str, nn.Module], batches: list[dict], repeats: int) -> dict[str, float]:
+    """Median seconds per pass over ``batches`` of each model, interleaved so that machine load hits them alike.
+
+    Each model runs once untimed first (warm-up); then every round times each model in turn.
+    """
+    for model in models.values():
+        model.eval()
+        model(**batches[0])
+    seconds = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            started = time.perf_counter()
+            for batch in batches:
+                model(**batch)
+            seconds[name].append(time.perf_counter() - started)
+    return {name: statistics.median(times) for name, times in seconds.items()}

@@ -1,0 +1,137 @@
+"""`python -m benchmarks.run`: experiments as data, their declared protocols, the report, resuming, a smoke run."""
+
+import json
+
+import pytest
+
+from benchmarks import run, training
+
+
+def test_every_declared_experiment_loads_with_its_dependencies_in_the_suite():
+    suites = run.select([], {})
+    assert {"lst_quality", "lst_clm_quality", "theseus_quality", "distill_quality", "quant_quality"} <= set(suites)
+    for experiments in suites.values():
+        seen = set()
+        for experiment in experiments:
+            assert set(run._dependencies(experiment.spec)) <= seen, f"{experiment.key} runs before what it needs"
+            seen.add(experiment.name)
+            if experiment.spec["kind"] == "train":
+                assert experiment.spec["seeds"] and experiment.spec["steps"] >= 0
+                run._with_steps(experiment.spec["config"], experiment.spec["steps"])  # budget arithmetic is valid
+
+
+def _spec(suite: str, name: str) -> dict:
+    return run.select([f"{suite}/{name}"], {})[suite][-1].spec
+
+
+def test_the_declared_protocols_are_those_the_figures_were_measured_with():
+    lst = _spec("lst_quality", "lst")
+    assert lst["learning_rate"] == [1e-3, 3e-3, 1e-2] and lst["seeds"] == [0, 1, 2] and lst["steps"] == 100
+    assert lst["data"] == {
+        "dataset": "rotten_tomatoes",
+        "max_length": 64,
+        "train_examples": 3200,
+        "eval_examples": None,
+    }
+    assert _spec("lst_quality", "lora")["learning_rate"] == [3e-4, 1e-3, 3e-3]
+    assert _spec("lst_quality", "lst-add")["learning_rate"] == {"from": "lst"}
+    assert _spec("lst_clm_quality", "lst")["learning_rate"] == [1e-3, 3e-3, 1e-2]
+    constant = _spec("theseus_quality", "theseus-constant")
+    assert run._with_steps(constant["config"], constant["steps"])["steps_for_replacing"] == 25
+    linear = _spec("theseus_quality_h200", "theseus-linear")
+    assert run._with_steps(linear["config"], linear["steps"])["linear_k"] == pytest.approx(1 / 410)
+    assert _spec("distill_quality", "truncated-kd")["distill"]["layer_map"] == "uniform"
+    assert _spec("quant_quality", "lst-int8-dynamic")["quantize"] == {"scheme": "int8-dynamic", "at": "after"}
+
+
+def test_overrides_change_the_budget_not_the_protocol():
+    spec = run.select(["lst_quality/lst"], {"steps": 600, "train_examples": 6530})["lst_quality"][-1].spec
+    assert spec["steps"] == 600 and spec["data"]["train_examples"] == 6530 and spec["seeds"] == [0, 1, 2]
+    smoke = run.select(["lst_quality/lst"], {"smoke": True})["lst_quality"][-1].spec
+    assert smoke["steps"] == 2 and smoke["learning_rate"] == [1e-3] and smoke["seeds"] == [0]
+    base = run.select(["lst_clm_quality/base"], {"steps": 600})["lst_clm_quality"][-1].spec
+    assert base["steps"] == 0  # an untrained baseline stays untrained
+
+
+def test_bad_declarations_fail_naming_the_problem(tmp_path, monkeypatch):
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "a.json").write_text(json.dumps({"method": "lora", "learning_rate": [1e-3], "steps": 1, "lr": 3}))
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['lr'\]"):
+        run.select([str(suite / "a.json")], {})
+    (suite / "a.json").write_text(json.dumps({"method": "dora", "learning_rate": [1e-3], "steps": 1}))
+    with pytest.raises(ValueError, match="method 'dora' is not one of"):
+        run.select([str(suite / "a.json")], {})
+    (suite / "a.json").write_text(json.dumps({"method": "lst", "learning_rate": {"from": "b"}, "steps": 1}))
+    (suite / "b.json").write_text(json.dumps({"method": "lst", "learning_rate": {"from": "a"}, "steps": 1}))
+    with pytest.raises(ValueError, match="circular dependency a -> b -> a"):
+        run.select([str(suite / "a.json")], {})
+    (suite / "b.json").unlink()
+    with pytest.raises(ValueError, match="a depends on 'b', which is not in the suite"):
+        run.select([str(suite / "a.json")], {})
+    with pytest.raises(SystemExit, match="no experiment or suite 'nope'"):
+        run.select(["nope"], {})
+    with pytest.raises(ValueError, match="only arithmetic"):
+        run._with_steps({"k": "__import__('os').system('steps')"}, 10)
+
+
+def _write_runs(results, experiment, rows):
+    folder = results / experiment.suite / experiment.name
+    folder.mkdir(parents=True)
+    for lr, seed, validation, test in rows:
+        run_result = dict(lr=lr, seed=seed, validation=validation, test=test, trainable=1234, settings=experiment.spec)
+        (folder / f"lr={lr:g}-seed={seed}.json").write_text(json.dumps(run_result))
+
+
+def test_report_chooses_on_validation_and_summarises_test_over_seeds(tmp_path):
+    suite = run.select(["lst_quality/lst-add"], {})["lst_quality"]
+    lst, add = suite
+    # lr 3e-3 wins on validation although 1e-3 has the better test score: test never chooses
+    _write_runs(
+        tmp_path, lst, [(1e-3, 0, 0.70, 0.90), (3e-3, 0, 0.80, 0.70), (3e-3, 1, 0.0, 0.80), (3e-3, 2, 0, 0.90)]
+    )
+    _write_runs(tmp_path, add, [(3e-3, 0, 0.75, 0.72), (3e-3, 1, 0.0, 0.80), (3e-3, 2, 0.0, 0.91)])
+    table = run.report(suite, tmp_path).splitlines()
+    assert table[2].startswith("| lst | 0.003 | 1,234 | 0.001: 70.0, 0.003: 80.0 | 80.0 ± 10.0 (n=3) |")
+    # 81.0 / 80.0 of the test mean kept; paired by seed: +2, 0, +1 points
+    assert "| 101.3% of lst; paired diff vs lst 1.00 ± 1.00 (n=3) |" in table[3]
+
+
+def test_a_cached_run_with_other_settings_is_refused(tmp_path):
+    experiment = run.select(["lst_quality/lst"], {})["lst_quality"][-1]
+    _write_runs(tmp_path, experiment, [(1e-3, 0, 0.7, 0.7)])
+    changed = run.select(["lst_quality/lst"], {"steps": 5})["lst_quality"]
+    with pytest.raises(SystemExit, match="other settings than lst_quality/lst declares"):
+        run.Runner({"lst_quality": changed}, tmp_path).result(changed[-1], 1e-3, 0)
+
+
+@pytest.mark.slow
+def test_smoke_run_of_each_kind_of_experiment_then_resume_without_training(minilm_hub_id, tmp_path, monkeypatch):
+    names = ["distill_quality/theseus-kd", "quant_quality/deploy-theseus", "quant_quality/lst-int8-dynamic"]
+    assert run.main(["--smoke", "--results", str(tmp_path), *names, "theseus_quality/speed"]) == 0
+
+    def result(path):
+        return json.loads((tmp_path / path).read_text())
+
+    teacher = result("distill_quality/teacher/lr=0.0001-seed=0.json")
+    assert (tmp_path / "distill_quality/teacher/lr=0.0001-seed=0/model.safetensors").is_file()
+    student = result("distill_quality/theseus-kd/lr=0.0003-seed=0.json")
+    assert student["trainable"] == 3 * 1_774_464  # the 3 successor layers of MiniLM, head and embeddings frozen
+    log = student["last_log"]  # DistillationTrainer's loss with the declared weights 0.5 / 0.5
+    assert log["loss"] == pytest.approx(0.5 * log["loss_hard"] + 0.5 * log["loss_logit"], rel=1e-4)
+    assert student["settings"]["steps"] == 2 and teacher["train_examples"] == 32
+    deployed = result("quant_quality/deploy-theseus/lr=0.0002-seed=0.json")["deploy"]
+    assert deployed["int8-dynamic"]["linear_bytes"] < 0.3 * deployed["fp32"]["linear_bytes"]
+    int8 = result("quant_quality/lst-int8-dynamic/lr=0.003-seed=0.json")
+    assert int8["backbone_linear_bytes"] < 0.3 * 6 * 1_772_928 * 4  # MiniLM's linear layers: 6 x 1.77M fp32 parameters
+    assert result("theseus_quality/speed/latency.json")["layers"] == {
+        "predecessor (6 layers)": 6,
+        "successor (3 layers)": 3,
+    }
+    assert "| theseus-kd | 0.0003 |" in (tmp_path / "distill_quality/summary.md").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached run was trained again")
+
+    monkeypatch.setattr(training, "train", no_training)
+    assert run.main(["--smoke", "--results", str(tmp_path), *names]) == 0
