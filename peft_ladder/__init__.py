@@ -10,9 +10,24 @@ from ._registry import TESTED_PEFT, TESTED_TRANSFORMERS, register
 from .backbone import BackboneInfo, LayerStack, UnsupportedModelError, inspect_backbone
 from .distill import DistillationTrainer, DistillationTrainingArguments, truncate_layers
 from .estimate import MemoryEstimate, estimate_memory
-from .ladder import LadderGateLogger, LadderSideConfig, LadderSideModel, compile_side_network, fisher_init_
+from .fidelity import FidelityTable, capture_layer_io, fidelity_metrics, layer_fidelity
+from .ladder import (
+    LadderGateLogger,
+    LadderSideConfig,
+    LadderSideModel,
+    compile_side_network,
+    fisher_init_,
+    init_fidelity,
+)
 from .quantization import QuantizationError, SchemeUnavailableError, model_size_by_dtype, quantization_info, quantize
-from .theseus import TheseusCallback, TheseusConfig, TheseusModel
+from .theseus import (
+    TheseusCallback,
+    TheseusConfig,
+    TheseusLRSchedule,
+    TheseusModel,
+    module_fidelity,
+    theseus_optimizers,
+)
 
 register("ladder_side", LadderSideConfig, LadderSideModel)
 register("theseus", TheseusConfig, TheseusModel)
@@ -26,6 +41,7 @@ __all__ = [
     "BackboneInfo",
     "DistillationTrainer",
     "DistillationTrainingArguments",
+    "FidelityTable",
     "LadderGateLogger",
     "LadderSideConfig",
     "LadderSideModel",
@@ -35,14 +51,18 @@ __all__ = [
     "SchemeUnavailableError",
     "TheseusCallback",
     "TheseusConfig",
+    "TheseusLRSchedule",
     "TheseusModel",
     "UnsupportedModelError",
     "compile_side_network",
     "estimate_memory",
     "fisher_init_",
+    "init_fidelity",
     "inspect_backbone",
     "model_size_by_dtype",
+    "module_fidelity",
     "quantization_info",
     "quantize",
+    "theseus_optimizers",
     "truncate_layers",
 ]

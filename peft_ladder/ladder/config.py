@@ -13,6 +13,8 @@ from .. import _config_checks as checks
 from .._registry import LOADING_NOTE
 
 INIT_METHODS = ("pruned", "fisher", "random")
+PRUNING_STRATEGIES = ("residual", "chain")
+LADDER_INITS = ("selection", "random")
 OUTPUT_MODES = ("replace", "add")
 SIDE_BLOCKS = ("backbone", "generic")
 # Fields the saved weights depend on: a saved config without them must not silently fall back to the defaults.
@@ -45,8 +47,24 @@ class LadderSideConfig(PeftConfig):
             How the side blocks are initialised: `"pruned"` (default) keeps the 1/r most important rows and columns
             of the backbone's weights, scored by weight magnitude (no data needed); `"fisher"` does the same with
             Fisher scores, which need data, so call `peft_ladder.fisher_init_(peft_model, dataloader)` after
-            `get_peft_model`; `"random"` uses the block class's own random init. Loading a saved adapter never re-runs
-            initialisation.
+            `get_peft_model`; `"random"` uses the family's own weight initialisation (the backbone model's
+            `_init_weights` at side width). Loading a saved adapter never re-runs initialisation.
+        pruning (`str`):
+            How `"pruned"` and `"fisher"` choose what the side blocks keep (`peft_ladder.ladder.pruning`).
+            `"residual"` (default): one set of d/r residual-stream dimensions for the whole network (chosen by rank
+            votes capped so outlier dimensions cannot take the choice over), attention pruned per head (whole rotary
+            pairs, rotated at the backbone's own frequencies), MLP units per layer: each side block starts as the
+            function of its backbone layer on the kept dimensions. `"chain"`: the official code's pruning, where
+            every matrix chooses its own output rows. `BENCHMARKS.md` compares them (init fidelity and accuracy).
+        ladder_init (`str`):
+            How the ladders and the stream input start under `"pruned"`/`"fisher"`: `"selection"` (default) selects
+            the kept stream dimensions (0/1 matrices), so the side stream starts as the pruned backbone stream;
+            `"random"`: N(0, 0.01), as in the official code, so each ladder reads its whole tap.
+        side_heads (`Optional[int]`):
+            Attention heads of the side blocks. `None` (default) keeps the backbone's head count at head dim / r (the
+            paper); fewer heads give wider ones at the same side width (all-MiniLM at r=8: 12 heads of dim 4, or 4 of
+            dim 12). Must divide the side query width, leave a head dim no larger than the backbone's, and be a
+            multiple of the side key/value heads.
         output_mode (`Optional[str]`):
             How the side output reaches the frozen head. `"replace"`: the up-projected side output replaces the
             backbone's last hidden state, as in the paper. `"add"`: it is added to the backbone's last hidden state
@@ -101,6 +119,15 @@ class LadderSideConfig(PeftConfig):
     init: Literal["pruned", "fisher", "random"] = field(
         default="pruned", metadata={"help": "Side network initialisation: pruned, fisher or random."}
     )
+    pruning: Literal["residual", "chain"] = field(
+        default="residual", metadata={"help": "Pruning strategy: residual (one kept stream) or chain (official)."}
+    )
+    ladder_init: Literal["selection", "random"] = field(
+        default="selection", metadata={"help": "Ladder/stream-input start: selection matrices or N(0, 0.01)."}
+    )
+    side_heads: Optional[int] = field(
+        default=None, metadata={"help": "Attention heads of the side blocks (None = the backbone's)."}
+    )
     output_mode: Optional[Literal["replace", "add"]] = field(
         default=None, metadata={"help": "How the side output meets the head: replace or add (None = by task)."}
     )
@@ -140,6 +167,9 @@ class LadderSideConfig(PeftConfig):
         self.gate_temperature = checks.check_real("gate_temperature", self.gate_temperature, 0, exclude_minimum=True)
         self.gate_init = checks.check_real("gate_init", self.gate_init)
         checks.check_choice("init", self.init, INIT_METHODS)
+        checks.check_choice("pruning", self.pruning, PRUNING_STRATEGIES)
+        checks.check_choice("ladder_init", self.ladder_init, LADDER_INITS)
+        self.side_heads = checks.check_int("side_heads", self.side_heads, minimum=1, optional=True)
         checks.check_choice("output_mode", self.output_mode, OUTPUT_MODES, optional=True)
         self.side_dropout = checks.check_real("side_dropout", self.side_dropout, 0, 1, exclude_maximum=True)
         self.layers_path = checks.check_layers_path("layers_path", self.layers_path)

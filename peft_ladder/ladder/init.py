@@ -1,30 +1,21 @@
-"""Side network initialisation by structured pruning of the backbone (magnitude or Fisher), as in the official code.
+"""Side network initialisation: the recipe that turns a freshly built side network into a pruned copy of the backbone.
 
-The official pruning (``pruning_without_residual``, version 2) is **one chain through the network in forward order**:
+``init="pruned"`` (magnitude) or ``"fisher"`` (:func:`fisher_init_`) prunes every side block from the backbone layer
+it sits beside (:mod:`.pruning`, ``pruning="residual"`` or the official ``"chain"``) and the side final norm from the
+backbone's. The parts with no backbone counterpart start as ``ladder_init`` says:
 
-* the chain starts with a choice of d/r embedding columns, scored by column importance;
-* every weight matrix takes, as its input columns, the output choice of the matrix that ran just before it (the same
-  size); matrices that read the same tensor (Q, K and V; gate and up) form a group and read the same choice;
-* it then keeps its d/r output rows with the highest L1 importance over the chosen columns. Within a group, members of
-  equal shape share one choice, scored by the product of their row importances (Q, K, V share; under grouped-query
-  attention Q chooses alone and K, V share);
-* norms take the current choice of their size.
+* ``"selection"``: ``stream_down`` and each ladder select the kept stream dimensions (a 0/1 matrix, zero bias), so the
+  side stream starts as the pruned copy of the backbone stream and the ladders feed matching dimensions;
+* ``"random"`` (the official code): ladders and ``stream_down`` N(0, 0.01), zero bias, so every ladder reads its
+  whole tap;
+* ``up``: zero in ``"add"`` mode (the model starts exactly at the base model); in ``"replace"`` mode the transposed
+  selection (``"selection"``), which writes the side dimensions back where they came from, or N(0, 0.01).
 
-Every sublayer makes its own output choice, so the residual stream is not kept on one set of dimensions ("without
-residual"), exactly as in the official code. The forward order is recorded once per backbone by running a tiny input
-through it (:func:`trace_block_steps`), because module registration order differs from call order (Llama registers
-its norms after attention and MLP).
+``init="random"`` keeps the family's own initialisation of the blocks (applied when the network is built).
 
-How the parts that have no backbone counterpart start:
-
-* ``stream_down`` and each ladder ``ladders[k]`` select the current choice (a 0/1 selection matrix, zero bias), so the
-  side stream starts as the pruned copy of the backbone stream and the ladders feed the matching dimensions;
-* ``up``: zero in ``"add"`` mode (the model starts exactly at the base model); in ``"replace"`` mode, the transposed
-  selection, which writes the side dimensions back where they came from;
-* the side final norm takes the backbone final norm's entries at the current choice (families without one keep 1/0).
-
-Importance is ``|W|`` (magnitude, default, no data) or Fisher information, the squared gradients accumulated over a
-few batches (:func:`fisher_init_`).
+The forward order of a block's modules is recorded once per backbone by running a tiny input through it
+(:func:`trace_block_steps`), because module registration order differs from call order (Llama registers its norms
+after attention and MLP).
 """
 
 from __future__ import annotations
@@ -35,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..quantization import dequantized_weight
+from . import pruning
+from .pruning import Chain, HeadLayout, NotHeadPrunable, top
 
 LINEAR_TYPES = ("Linear", "Conv1D")
 
@@ -52,12 +44,6 @@ def _is_linear(module: nn.Module) -> bool:
     return type(module).__name__ in LINEAR_TYPES or isinstance(
         module, (nn.Linear, torch.ao.nn.quantized.dynamic.Linear)
     )
-
-
-def _weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The weight as (out, in): transformers' Conv1D (GPT-2) stores it transposed."""
-    weight = dequantized_weight(module)  # plain float values of int8/nf4/... weights (quantized backbones)
-    return weight.T if type(module).__name__ == "Conv1D" else weight
 
 
 @torch.no_grad()
@@ -103,37 +89,24 @@ def trace_block_steps(model: nn.Module, stacks_layers: list[nn.ModuleList], prob
     return steps_per_stack
 
 
-class _Chain:
-    """The current index choice for each (backbone size, side size): what the next reader of that size takes."""
-
-    def __init__(self):
-        self.choices: dict[tuple[int, int], torch.Tensor] = {}
-
-    def get(self, backbone_size: int, side_size: int) -> torch.Tensor | None:
-        return self.choices.get((backbone_size, side_size))
-
-    def set(self, backbone_size: int, choice: torch.Tensor) -> None:
-        self.choices[(backbone_size, len(choice))] = choice
-
-
-def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
-    return torch.topk(scores.float(), count).indices.sort().values
-
-
-def _select_rows_(linear: nn.Linear, choice: torch.Tensor) -> None:
-    """Make ``linear`` a 0/1 selection of input dims ``choice`` (one per output row), bias 0."""
-    linear.weight.zero_()
-    linear.weight[torch.arange(len(choice)), choice.to(linear.weight.device)] = 1.0
-    if linear.bias is not None:
-        linear.bias.zero_()
-
-
 @torch.no_grad()
-def pruned_init_(side_network, plans, block_steps: list[list[Step]], model: nn.Module, importance=None) -> None:
-    """Initialise ``side_network`` in place from the backbone by the pruning chain of the module docstring.
+def pruned_init_(
+    side_network,
+    plans,
+    block_steps: list[list[Step]],
+    model: nn.Module,
+    info,
+    importance: dict | None = None,
+    pruning_strategy: str = "residual",
+    ladder_init: str = "selection",
+) -> None:
+    """Initialise ``side_network`` in place from the backbone (module docstring).
 
     Args:
+        info: the backbone's :class:`peft_ladder.BackboneInfo` (attention widths).
         importance: ``{id(backbone parameter): score tensor of the same shape}`` (Fisher), or ``None`` for |W|.
+        pruning_strategy: ``"residual"`` or ``"chain"`` (:mod:`.pruning`).
+        ladder_init: ``"selection"`` or ``"random"``.
     """
 
     def score(param: torch.Tensor) -> torch.Tensor:
@@ -142,26 +115,80 @@ def pruned_init_(side_network, plans, block_steps: list[list[Step]], model: nn.M
         return param.detach().abs().float()
 
     embeddings = model.get_input_embeddings()
+    d = info.hidden_size
+    d_side = side_network.stacks[0].stream_down.out_features
+    residual = None
+    if pruning_strategy == "residual":
+        readers = [embeddings] + [
+            plan.layers[i] for plan, stack in zip(plans, side_network.stacks) for i in stack.tapped_layers
+        ]
+        readers += [plan.final_norm for plan in plans if plan.final_norm is not None]
+        residual = top(pruning.residual_scores(readers, d, score), d_side)
     for plan, stack, steps in zip(plans, side_network.stacks, block_steps):
-        d, d_side = stack.stream_down.in_features, stack.stream_down.out_features
-        chain = _Chain()
-        chain.set(d, _top(_embedding_scores(embeddings, d, score), d_side))
-        embedding_choice = chain.get(d, d_side)
-        _select_rows_(stack.stream_down, embedding_choice)
-        for k, layer_index in enumerate(stack.tapped_layers):
-            _select_rows_(stack.ladders[k], chain.get(d, d_side))
-            if not stack.generic_blocks:
-                _prune_block_(plan.layers[layer_index], stack.blocks[k], steps, chain, score)
-        current = chain.get(d, d_side)
-        if plan.final_norm is not None:
-            _take_norm_(plan.final_norm, stack.final_norm, chain, score)
-        if stack.rel_embeddings is not None:  # DeBERTa: positions are projected like the stream entering block 0
-            source = plan.rel_embeddings_owner.get_rel_embedding()
-            stack.rel_embeddings.copy_(source[:, embedding_choice.to(source.device)])
-        if stack.up is not None and stack.output_mode == "replace":
+        layout = HeadLayout(
+            info.num_attention_heads,
+            info.num_key_value_heads,
+            info.head_dim,
+            stack.side_heads,
+            stack.side_kv_heads,
+            stack.side_head_dim,
+        )
+        if pruning_strategy == "residual" and not stack.generic_blocks:
+            try:
+                _prune_stack_(plan, stack, steps, embeddings, score, layout, residual, ladder_init)
+                continue
+            except NotHeadPrunable:  # e.g. GPT-NeoX's interleaved fused QKV: the chain reads any layout
+                pass
+        _prune_stack_(plan, stack, steps, embeddings, score, None, None, ladder_init)
+
+
+def _prune_stack_(plan, stack, steps, embeddings, score, layout, residual, ladder_init) -> None:
+    d, d_side = stack.stream_down.in_features, stack.stream_down.out_features
+    chain = Chain(residual, d)
+    if residual is None:
+        chain.set(d, top(_embedding_scores(embeddings, d, score), d_side))
+    stream_choice = chain.get(d, d_side)
+    head_dims = None
+    if stack.rotary_dims is not None:
+        stack.rotary_dims.fill_(-1)  # the side rotary at its own head dim, unless whole rotary pairs are kept
+        stack._uses_kept_rotary = None
+    if layout is not None and stack.rotary_dims is not None:
+        pairs = pruning.rotary_pairs([plan.layers[i] for i in stack.tapped_layers], layout, score)
+        head_dims = pruning.rotary_dims(pairs, layout.head_dim)
+        stack.rotary_dims.copy_(head_dims)
+    _start_(stack.stream_down, stream_choice, ladder_init)
+    stack.pruned_dims = []  # per block, the stream dimensions it reads and writes (for peft_ladder.init_fidelity)
+    for k, layer_index in enumerate(stack.tapped_layers):
+        block_input = chain.get(d, d_side)
+        _start_(stack.ladders[k], block_input, ladder_init)
+        if not stack.generic_blocks:
+            pruning.prune_block_(plan.layers[layer_index], stack.blocks[k], steps, chain, score, layout, head_dims)
+        stack.pruned_dims.append((block_input, chain.get(d, d_side)))
+    current = chain.get(d, d_side)
+    if plan.final_norm is not None:
+        pruning.take_norm_(plan.final_norm, stack.final_norm, chain, score)
+    if stack.rel_embeddings is not None:  # DeBERTa: positions are projected like the stream entering block 0
+        source = plan.rel_embeddings_owner.get_rel_embedding()
+        stack.rel_embeddings.copy_(source[:, stream_choice.to(source.device)])
+    if stack.up is not None and stack.output_mode == "replace":
+        if ladder_init == "selection":
             stack.up.weight.zero_()
             stack.up.weight[current.to(stack.up.weight.device), torch.arange(d_side)] = 1.0
             stack.up.bias.zero_()
+        else:
+            nn.init.normal_(stack.up.weight, std=0.01)
+            stack.up.bias.zero_()
+
+
+def _start_(linear: nn.Linear, choice: torch.Tensor, ladder_init: str) -> None:
+    """A ladder or the stream input: a 0/1 selection of input dims ``choice`` (one per output row), or N(0, 0.01)."""
+    if ladder_init == "random":
+        nn.init.normal_(linear.weight, std=0.01)
+    else:
+        linear.weight.zero_()
+        linear.weight[torch.arange(len(choice)), choice.to(linear.weight.device)] = 1.0
+    if linear.bias is not None:
+        linear.bias.zero_()
 
 
 def _embedding_scores(embeddings: nn.Module, width: int, score) -> torch.Tensor:
@@ -178,91 +205,6 @@ def _embedding_scores(embeddings: nn.Module, width: int, score) -> torch.Tensor:
             scores.sum(dim=[a for a in range(param.dim()) if a != axis]).cpu() if param.dim() > 1 else scores.cpu()
         )
     return total
-
-
-def _prune_block_(backbone_block: nn.Module, side_block: nn.Module, steps: list[Step], chain: _Chain, score) -> None:
-    side_names = {name for name, _ in side_block.named_modules()}
-    for step in steps:
-        if any(name not in side_names for name in step.names):
-            continue  # backbone-only parts (T5's relative bias table in layer 0: the side reuses the bias itself)
-        if step.is_linear_group:
-            _prune_linear_group_(backbone_block, side_block, step.names, chain, score)
-            continue
-        backbone_module = backbone_block.get_submodule(step.names[0])
-        side_module = side_block.get_submodule(step.names[0])
-        _take_norm_(backbone_module, side_module, chain, score)
-
-
-def _take_norm_(backbone_module: nn.Module, side_module: nn.Module, chain: _Chain, score) -> None:
-    """1-D parameters (norm weights and biases) take the current choice of their size; others copy if same shape."""
-    choice = None
-    for name, param in backbone_module.named_parameters(recurse=False):
-        side_param = getattr(side_module, name, None)
-        if side_param is None:
-            continue
-        if param.shape == side_param.shape:
-            side_param.copy_(param)
-        elif param.dim() == 1:
-            if choice is None:
-                choice = chain.get(param.shape[0], side_param.shape[0])
-                if choice is None:
-                    choice = _top(score(param), side_param.shape[0])
-            side_param.copy_(param[choice.to(param.device)])
-
-
-def _prune_linear_group_(backbone_block, side_block, names: list[str], chain: _Chain, score) -> None:
-    backbone = [backbone_block.get_submodule(name) for name in names]
-    side = [side_block.get_submodule(name) for name in names]
-    weights = [_weight_out_in(module) for module in backbone]
-    side_weights = [_weight_out_in(module) for module in side]
-    in_size, side_in = weights[0].shape[1], side_weights[0].shape[1]
-    in_choice = chain.get(in_size, side_in)
-    if in_choice is None:  # nothing of this size ran before (e.g. cross-attention keys): score the columns
-        in_choice = _top(sum(score(w).sum(0) for w in weights), side_in)
-    row_scores = [score(w)[:, in_choice.to(w.device)].sum(1) for w in weights]
-    # Members of equal (backbone, side) output size share one choice, scored by the product of their importances.
-    shared: dict[tuple[int, int], list[int]] = {}
-    for member, (w, sw) in enumerate(zip(weights, side_weights)):
-        shared.setdefault((w.shape[0], sw.shape[0]), []).append(member)
-    for (out_size, side_out), members in shared.items():
-        product = torch.ones_like(row_scores[members[0]])
-        for member in members:
-            product = product * (row_scores[member] / row_scores[member].mean().clamp_min(1e-12))
-        fused_parts = _fused_parts(names[members[0]], out_size, side_out)
-        if fused_parts > 1:  # GPT-2's c_attn: Q, K and V stacked in one matrix; one choice for the three
-            part, side_part = out_size // fused_parts, side_out // fused_parts
-            per_part = product.view(fused_parts, part).prod(0)
-            part_choice = _top(per_part, side_part)
-            out_choice = torch.cat([part_choice + p * part for p in range(fused_parts)])
-            chain.set(part, part_choice)
-        else:
-            out_choice = _top(product, side_out)
-            chain.set(out_size, out_choice)
-        for member in members:
-            _copy_pruned_(backbone[member], side[member], out_choice, in_choice)
-
-
-FUSED_QKV_NAMES = ("c_attn", "qkv_proj", "query_key_value", "Wqkv", "qkv")
-
-
-def _fused_parts(name: str, out_size: int, side_out: int) -> int:
-    """3 for a fused QKV projection (GPT-2's ``c_attn`` and its relatives), else 1."""
-    is_fused = name.rpartition(".")[2] in FUSED_QKV_NAMES
-    return 3 if is_fused and out_size % 3 == 0 and side_out % 3 == 0 else 1
-
-
-def _copy_pruned_(backbone: nn.Module, side: nn.Module, out_choice: torch.Tensor, in_choice: torch.Tensor) -> None:
-    weight = _weight_out_in(backbone)
-    device = weight.device
-    pruned = weight[out_choice.to(device)][:, in_choice.to(device)]
-    if type(side).__name__ == "Conv1D":
-        side.weight.copy_(pruned.T)
-    else:
-        side.weight.copy_(pruned)
-    bias = getattr(backbone, "bias", None)
-    bias = bias() if callable(bias) else bias  # quantize_dynamic's Linear: a method
-    if bias is not None and getattr(side, "bias", None) is not None:
-        side.bias.copy_(bias[out_choice.to(device)])
 
 
 def iter_batches(dataloader: Iterable, num_batches: int):

@@ -112,7 +112,15 @@ class LadderSideModel(ModuleTuner):
         if config.init != "random" and not loading:
             if self._block_steps is None:
                 self._block_steps = self._trace(model, plans)
-            pruned_init_(network, plans, self._block_steps, model)
+            pruned_init_(
+                network,
+                plans,
+                self._block_steps,
+                model,
+                info,
+                pruning_strategy=config.pruning,
+                ladder_init=config.ladder_init,
+            )
         check_finite(network)
         return network
 
@@ -170,7 +178,17 @@ class LadderSideModel(ModuleTuner):
             raise ValueError(f"No Ladder side-tuning adapter named {name!r}; adapters: {list(self.adapter_modules)}.")
         if self._block_steps is None:
             self._block_steps = self._trace(self.model, self._plans)
-        pruned_init_(self.adapter_modules[name], self._plans, self._block_steps, self.model, importance=importance)
+        config = self.peft_config[name]
+        pruned_init_(
+            self.adapter_modules[name],
+            self._plans,
+            self._block_steps,
+            self.model,
+            inspect_backbone(self.model, config.layers_path),
+            importance=importance,
+            pruning_strategy=config.pruning,
+            ladder_init=config.ladder_init,
+        )
 
     @contextlib.contextmanager
     def backbone_only(self):
@@ -216,6 +234,11 @@ class LadderSideModel(ModuleTuner):
             self._router.remove()
             self._router = None
         return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar, adapter_names=adapter_names)
+
+    @property
+    def stack_plans(self) -> list[StackPlan]:
+        """Where each backbone layer stack sits (body, layers, final norm), as the side networks use them."""
+        return list(self._plans or [])
 
     @property
     def side_network(self) -> LadderSideNetwork | None:

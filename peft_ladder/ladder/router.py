@@ -134,7 +134,9 @@ class LadderRouter:
         state = self._state.get()
         layer_calls = [capture.calls[index] for index in stack.tapped_layers]
         side_inputs = SideInputs(
-            position_embeddings=_side_rotary(side.rotary(plan.index), capture.stream_input, layer_calls),
+            position_embeddings=_side_rotary(
+                side.rotary(plan.index), capture.stream_input, layer_calls, stack.kept_rotary_dims()
+            ),
             encoder_states=state.side_encoder_states if state is not None else None,
             layer0_output=capture.layer0_output,
             padding_mask=_padding_mask(kwargs.get("attention_mask")),
@@ -195,9 +197,11 @@ class LadderRouter:
 class StackCapture:
     """Forward hooks on one stack for one call: the stream input, tapped outputs and call arguments, detached."""
 
-    def __init__(self, plan: StackPlan, tapped: list[int]):
+    def __init__(self, plan: StackPlan, tapped: list[int], keep_inputs: bool = False):
         self.plan = plan
         self.tapped = set(tapped)
+        self.keep_inputs = keep_inputs  # also the hidden states each tapped layer received (diagnostics only)
+        self.inputs: dict[int, torch.Tensor] = {}
         self.stream_input: torch.Tensor | None = None
         self.taps: dict[int, torch.Tensor] = {}
         self.calls: dict[int, dict] = {}  # every argument but the hidden states, by name
@@ -216,6 +220,8 @@ class StackCapture:
                 self.stream_input = hidden[1].detach()
             if index in self.tapped:
                 self.calls[index] = dict(rest)
+                if self.keep_inputs:
+                    self.inputs[index] = hidden[1].detach()
 
         def keep_output(index, module, args, kwargs, output):
             hidden = first_output(output).detach()
@@ -274,7 +280,7 @@ def named_arguments(block_class: type, args: tuple, kwargs: dict) -> dict:
     return named
 
 
-def _side_rotary(rotary: SideRotary | None, reference: torch.Tensor, layer_calls: list[dict]) -> list | None:
+def _side_rotary(rotary: SideRotary | None, reference: torch.Tensor, layer_calls: list[dict], dims) -> list | None:
     """Rotary (cos, sin) at the side head dim per side block, once per stack forward (every layer of a kind gets the
     same positions)."""
     if rotary is None or layer_calls[0].get("position_embeddings") is None:
@@ -282,7 +288,7 @@ def _side_rotary(rotary: SideRotary | None, reference: torch.Tensor, layer_calls
     position_ids = layer_calls[0].get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(reference.shape[1], device=reference.device).unsqueeze(0)
-    return rotary(reference, position_ids, len(layer_calls))
+    return rotary(reference, position_ids, len(layer_calls), dims)
 
 
 def _side_encoder_states(encoder_outputs) -> torch.Tensor | None:

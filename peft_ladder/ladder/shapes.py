@@ -52,8 +52,9 @@ class SideShape:
         return self.num_heads * self.head_dim
 
 
-def side_shape(info: BackboneInfo, config, r: int, uses_rotary: bool) -> SideShape:
-    """Apply the reduction rule of the module docstring; raise :class:`SideShapeError` naming the fix."""
+def side_shape(info: BackboneInfo, config, r: int, uses_rotary: bool, requested_heads: int | None = None) -> SideShape:
+    """Apply the reduction rule of the module docstring, or ``requested_heads`` heads over the same query width; raise
+    :class:`SideShapeError` naming the fix."""
     d, heads, kv_heads, head_dim = info.hidden_size, info.num_attention_heads, info.num_key_value_heads, info.head_dim
     if r > d or d % r:
         raise SideShapeError(
@@ -72,6 +73,8 @@ def side_shape(info: BackboneInfo, config, r: int, uses_rotary: bool) -> SideSha
         query_width = max(heads * head_dim // r, side_head_dim)
         side_heads = max(1, query_width // side_head_dim)
         side_kv = math.gcd(kv_heads, side_heads)
+    if requested_heads is not None:
+        side_heads, side_head_dim, side_kv = _requested_heads(info, r, requested_heads, uses_rotary)
     # Families that derive head dim from hidden_size / heads need the product to equal the side hidden size.
     if not has_explicit_head_dim(config) and side_heads * side_head_dim != side_d:
         raise SideShapeError(
@@ -81,6 +84,26 @@ def side_shape(info: BackboneInfo, config, r: int, uses_rotary: bool) -> SideSha
         )
     side_intermediate = max(1, info.intermediate_size // r)
     return SideShape(side_d, side_intermediate, side_heads, side_kv, side_head_dim, side_heads != heads)
+
+
+def _requested_heads(info: BackboneInfo, r: int, side_heads: int, uses_rotary: bool) -> tuple[int, int, int]:
+    """(heads, head dim, key/value heads) for ``side_heads`` heads over the side query width heads * head_dim / r."""
+    query_width = info.num_attention_heads * info.head_dim // r
+    valid = [
+        h
+        for h in range(1, query_width + 1)
+        if query_width % h == 0
+        and query_width // h <= info.head_dim
+        and not (uses_rotary and (query_width // h) % 2)
+        and h % math.gcd(info.num_key_value_heads, h) == 0
+    ]
+    if side_heads not in valid:
+        raise SideShapeError(
+            f"side_heads={side_heads} does not tile the side query width {query_width} of this {info.model_type} "
+            f"model at reduction_factor={r} with a head dim of at most {info.head_dim}"
+            f"{' (and even, for rotary)' if uses_rotary else ''}. Valid values: {valid}."
+        )
+    return side_heads, query_width // side_heads, math.gcd(info.num_key_value_heads, side_heads)
 
 
 def has_explicit_head_dim(config) -> bool:

@@ -87,7 +87,13 @@ def build_side_network(
     for plan, layer_indices in zip(plans, tapped):
         base_config = getattr(plan.body, "config", model.config)
         rotary_module = _find_rotary(plan.body)
-        shape = side_shape(info, base_config, config.reduction_factor, uses_rotary=rotary_module is not None)
+        shape = side_shape(
+            info,
+            base_config,
+            config.reduction_factor,
+            uses_rotary=rotary_module is not None,
+            requested_heads=config.side_heads,
+        )
         side_config = reduced_config(base_config, info, shape)
         depth = len(plan.layers)
         if isinstance(getattr(side_config, "layer_types", None), list):  # slots L + k follow layer i's type
@@ -116,9 +122,13 @@ def build_side_network(
             backbone_depth=depth,
             rel_embeddings=rel,
             side_heads=shape.num_heads,
+            side_kv_heads=shape.num_kv_heads,
+            side_head_dim=shape.head_dim,
+            uses_rotary=rotary_module is not None,
             generic_blocks=generic,
             feeds_head=not (info.is_encoder_decoder and not plan.is_decoder_stack),
         )
+        stack.block_config = side_config  # kept for diagnostics (a fresh block of the family at side width)
         stacks.append(stack)
         rotaries.append(_side_rotary(rotary_module, side_config, base_config, layer_indices))
     return LadderSideNetwork(stacks, rotaries)
@@ -186,7 +196,7 @@ def _side_rotary(rotary: nn.Module | None, side_config, base_config, layer_indic
     takes_layer_type = "layer_type" in inspect.signature(type(rotary).forward).parameters
     layer_types = getattr(base_config, "layer_types", None)
     block_layer_types = [layer_types[i] for i in layer_indices] if takes_layer_type and layer_types else None
-    return SideRotary(type(rotary)(config=side_config), block_layer_types)
+    return SideRotary(type(rotary)(config=side_config), rotary, block_layer_types)
 
 
 def _find_rotary(body: nn.Module) -> nn.Module | None:

@@ -67,8 +67,11 @@ class SideStack(nn.Module):
         backbone_depth: int,
         rel_embeddings: torch.Tensor | None = None,
         side_heads: int = 0,
+        side_kv_heads: int = 0,
+        side_head_dim: int = 0,
         generic_blocks: bool = False,
         feeds_head: bool = True,
+        uses_rotary: bool = False,
     ):
         super().__init__()
         if len(blocks) != len(tapped_layers):
@@ -77,6 +80,7 @@ class SideStack(nn.Module):
         self.output_mode = output_mode
         self.backbone_depth = backbone_depth  # side block k owns KV-cache slot backbone_depth + k
         self.side_heads = side_heads  # attention heads of the side blocks (slices per-head attention biases)
+        self.side_kv_heads, self.side_head_dim = side_kv_heads, side_head_dim
         self.generic_blocks = generic_blocks  # True when the fallback pre-norm block stands in for the family's
         self.gate_temperature = gate_temperature
         self.stream_down = nn.Linear(backbone_width, side_width)
@@ -92,6 +96,24 @@ class SideStack(nn.Module):
             nn.init.zeros_(self.up.bias)
         # DeBERTa-v2's relative-position table at side width (the backbone's one is d wide); None elsewhere.
         self.rel_embeddings = nn.Parameter(rel_embeddings) if rel_embeddings is not None else None
+        # Rotary families: the backbone head dimensions whose rotary frequencies the side heads use, when pruning
+        # kept whole rotary pairs; -1 = the family's rotary at the side head dim. Saved with the adapter.
+        self.rotary_dims = (
+            nn.Buffer(torch.full((side_head_dim,), -1, dtype=torch.long)) if uses_rotary and side_head_dim else None
+        )
+        self._uses_kept_rotary: bool | None = None
+
+    def kept_rotary_dims(self) -> torch.Tensor | None:
+        """``rotary_dims`` when pruning kept whole rotary pairs, else ``None`` (read once: no device sync per call)."""
+        if self.rotary_dims is None:
+            return None
+        if self._uses_kept_rotary is None:
+            self._uses_kept_rotary = bool((self.rotary_dims >= 0).all())
+        return self.rotary_dims if self._uses_kept_rotary else None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._uses_kept_rotary = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def gates(self) -> torch.Tensor:
         """mu_k = sigmoid(alpha_k / T), one per tapped layer."""
@@ -140,21 +162,28 @@ class SideStack(nn.Module):
 
 
 class SideRotary:
-    """The family's rotary embedding, built at the side head dim: (cos, sin) for each side block of a stack.
+    """Rotary (cos, sin) for each side block of a stack: the family's rotary built at the side head dim, or the
+    backbone's own rotary read at the kept dimensions ``dims`` (when pruning kept whole rotary pairs).
 
     Families with several attention kinds (Gemma 3, ModernBERT: sliding and full) keep one table per layer type and
     take the type as an argument; side block k uses the type of the backbone layer it sits beside.
     """
 
-    def __init__(self, module: nn.Module, block_layer_types: list[str] | None):
+    def __init__(self, module: nn.Module, backbone_module: nn.Module, block_layer_types: list[str] | None):
         self.module = module
+        self.backbone_module = backbone_module  # the model's own; not part of the side network
         self.block_layer_types = block_layer_types  # None: one table for every layer
 
-    def __call__(self, reference: torch.Tensor, position_ids: torch.Tensor, num_blocks: int) -> list:
-        if self.block_layer_types is None:
-            return [self.module(reference, position_ids)] * num_blocks
-        per_type = {kind: self.module(reference, position_ids, kind) for kind in set(self.block_layer_types)}
-        return [per_type[kind] for kind in self.block_layer_types]
+    def __call__(self, reference: torch.Tensor, position_ids: torch.Tensor, num_blocks: int, dims=None) -> list:
+        module = self.module if dims is None else self.backbone_module
+        kinds = self.block_layer_types or [None] * num_blocks
+        per_kind = {}
+        for kind in set(kinds):
+            cos, sin = module(reference, position_ids) if kind is None else module(reference, position_ids, kind)
+            if module is self.backbone_module:
+                cos, sin = cos[..., dims], sin[..., dims]
+            per_kind[kind] = (cos, sin)
+        return [per_kind[kind] for kind in kinds]
 
 
 class LadderSideNetwork(nn.Module):

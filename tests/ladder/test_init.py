@@ -15,7 +15,9 @@ from peft_ladder import LadderSideConfig
 def test_pruned_init_follows_one_chain_through_the_network():
     """Hand-computed: the first block's Q/K/V take the embedding's top columns and share one row choice."""
     model = tiny_model("bert", transformers.AutoModel)
-    peft_model = get_peft_model(model, LadderSideConfig(reduction_factor=4, side_layers=[0], output_mode="replace"))
+    peft_model = get_peft_model(
+        model, LadderSideConfig(reduction_factor=4, side_layers=[0], output_mode="replace", pruning="chain")
+    )
     stack = peft_model.base_model.side_network.stacks[0]
     embedding = model.get_input_embeddings().weight.detach()
     columns = torch.topk(embedding.abs().sum(0), 16).indices.sort().values

@@ -48,8 +48,12 @@ def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _rotary(config, head_dim: int, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Llama's default rotary (cos, sin) at the side head dim."""
+def _rotary(config, head_dim: int, position_ids: torch.Tensor, kept_dims=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's default rotary (cos, sin) at the side head dim; or, when pruning kept whole rotary pairs
+    (``kept_dims``, indices into the backbone's head), the backbone's own (cos, sin) read at those dimensions."""
+    if kept_dims is not None and bool((kept_dims >= 0).all()):
+        cos, sin = _rotary(config, config.hidden_size // config.num_attention_heads, position_ids)
+        return cos[..., kept_dims], sin[..., kept_dims]
     theta = config.rope_parameters["rope_theta"]
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
     angles = position_ids[..., None].float() * inv_freq
@@ -57,7 +61,7 @@ def _rotary(config, head_dim: int, position_ids: torch.Tensor) -> tuple[torch.Te
     return angles.cos(), angles.sin()
 
 
-def _side_arguments(backbone, layer, block, call, hidden, layer0_output, side_encoder_output) -> dict:
+def _side_arguments(backbone, layer, block, call, hidden, layer0_output, side_encoder_output, kept_dims=None) -> dict:
     """The call backbone ``layer`` received, by name, with the stream and width-dependent values swapped."""
     args, kwargs = call
     named = inspect.signature(type(layer).forward).bind(layer, *args, **kwargs).arguments
@@ -71,7 +75,7 @@ def _side_arguments(backbone, layer, block, call, hidden, layer0_output, side_en
         position_ids = named.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(hidden.shape[1]).unsqueeze(0)
-        named["position_embeddings"] = _rotary(backbone.config, block.self_attn.head_dim, position_ids)
+        named["position_embeddings"] = _rotary(backbone.config, block.self_attn.head_dim, position_ids, kept_dims)
     if named.get("encoder_hidden_states") is not None:
         named["encoder_hidden_states"] = side_encoder_output
     if "position_bias" in named:  # T5: every block reuses the biases layer 0 computed, one channel per side head
@@ -108,7 +112,14 @@ def reference_forward(backbone, side_network, family: str, inputs: dict) -> torc
             for k, (index, block) in enumerate(zip(stack.tapped_layers, stack.blocks)):
                 hidden = mu[k] * hidden + (1 - mu[k]) * stack.ladders[k](_first(outputs[index]))
                 named = _side_arguments(
-                    backbone, layers[index], block, calls[index], hidden, outputs[0], side_encoder_output
+                    backbone,
+                    layers[index],
+                    block,
+                    calls[index],
+                    hidden,
+                    outputs[0],
+                    side_encoder_output,
+                    getattr(stack, "rotary_dims", None),
                 )
                 hidden = _first(block(**named))
             s = stack.final_norm(hidden)
