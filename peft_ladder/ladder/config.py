@@ -15,7 +15,8 @@ from .._registry import LOADING_NOTE
 INIT_METHODS = ("pruned", "fisher", "random")
 PRUNING_STRATEGIES = ("residual", "chain")
 LADDER_INITS = ("selection", "random")
-OUTPUT_MODES = ("replace", "add")
+OUTPUT_MODES = ("replace", "add", "add_normed")
+LADDER_NORMS = ("none", "tap")
 SIDE_BLOCKS = ("backbone", "generic")
 # Fields the saved weights depend on: a saved config without them must not silently fall back to the defaults.
 FIELDS_THE_WEIGHTS_NEED = ("reduction_factor", "side_layers")
@@ -65,16 +66,20 @@ class LadderSideConfig(PeftConfig):
             paper); fewer heads give wider ones at the same side width (all-MiniLM at r=8: 12 heads of dim 4, or 4 of
             dim 12). Must divide the side query width, leave a head dim no larger than the backbone's, and be a
             multiple of the side key/value heads.
+        ladder_norm (`str`):
+            `"none"` (default): each ladder reads its backbone layer's output as it is. `"tap"`: the tap is first
+            RMS-normalised over the hidden dimension (no parameters, nothing more kept for backward), so the few
+            huge outlier dimensions of large decoders' residual streams cannot dominate what the side network reads.
         output_mode (`Optional[str]`):
             How the side output reaches the frozen head. `"replace"`: the up-projected side output replaces the
-            backbone's last hidden state, as in the paper. `"add"`: it is added to the backbone's last hidden state
+            backbone's last hidden state, as in the paper. `"add"`: it is added to the backbone's last layer output
             before the frozen final norm, through a zero-initialised up-projection, so training starts exactly at the
-            base model's outputs. `None` (default) picks `"add"` for every task type. For `CAUSAL_LM` and
-            `SEQ_2_SEQ_LM` this keeps the pretrained LM intact at step 0. For classification our quality benchmark
-            (all-MiniLM-L6-v2 on Rotten Tomatoes, 600 steps, `BENCHMARKS.md`) found the two modes tied: `"add"`
-            81.1 ± 0.3% test, `"replace"` 80.9 ± 0.2%. We chose `"add"` because it is never worse there, it starts
-            the new head as a probe of the frozen model's own features instead of a projection of an untrained side
-            stream, and it gives one rule for every task type. Choose `"replace"` to follow the paper.
+            base model's outputs. `"add_normed"`: it is added *after* the frozen final norm, through a learned
+            per-dimension gate (starting at one, while the up-projection starts at zero), so the side output moves
+            the normalised state the head reads instead of a pre-norm state whose scale can be in the tens; also
+            exact at step 0. `None` (default) picks `"add"` for every task type: it keeps a pretrained LM intact at
+            step 0 and starts a new head as a probe of the frozen model's own features. `BENCHMARKS.md` compares
+            the modes. Choose `"replace"` to follow the paper.
         side_dropout (`float`):
             Dropout applied to the down-projected embeddings that start the side stream and before the
             up-projection, as in the official code. Defaults to `0.1`.
@@ -128,7 +133,10 @@ class LadderSideConfig(PeftConfig):
     side_heads: Optional[int] = field(
         default=None, metadata={"help": "Attention heads of the side blocks (None = the backbone's)."}
     )
-    output_mode: Optional[Literal["replace", "add"]] = field(
+    ladder_norm: Literal["none", "tap"] = field(
+        default="none", metadata={"help": "Normalise each tap before its ladder: none or tap (parameter-free RMS)."}
+    )
+    output_mode: Optional[Literal["replace", "add", "add_normed"]] = field(
         default=None, metadata={"help": "How the side output meets the head: replace or add (None = by task)."}
     )
     side_dropout: float = field(default=0.1, metadata={"help": "Dropout in the side stream."})
@@ -171,6 +179,7 @@ class LadderSideConfig(PeftConfig):
         checks.check_choice("ladder_init", self.ladder_init, LADDER_INITS)
         self.side_heads = checks.check_int("side_heads", self.side_heads, minimum=1, optional=True)
         checks.check_choice("output_mode", self.output_mode, OUTPUT_MODES, optional=True)
+        checks.check_choice("ladder_norm", self.ladder_norm, LADDER_NORMS)
         self.side_dropout = checks.check_real("side_dropout", self.side_dropout, 0, 1, exclude_maximum=True)
         self.layers_path = checks.check_layers_path("layers_path", self.layers_path)
         self.modules_to_save = checks.check_module_names("modules_to_save", self.modules_to_save)

@@ -125,6 +125,7 @@ def build_side_network(
             side_kv_heads=shape.num_kv_heads,
             side_head_dim=shape.head_dim,
             uses_rotary=rotary_module is not None,
+            normalise_taps=config.ladder_norm == "tap",
             generic_blocks=generic,
             feeds_head=not (info.is_encoder_decoder and not plan.is_decoder_stack),
         )

@@ -72,6 +72,7 @@ class SideStack(nn.Module):
         generic_blocks: bool = False,
         feeds_head: bool = True,
         uses_rotary: bool = False,
+        normalise_taps: bool = False,
     ):
         super().__init__()
         if len(blocks) != len(tapped_layers):
@@ -91,9 +92,17 @@ class SideStack(nn.Module):
         self.dropout = nn.Dropout(dropout)
         # A seq2seq side encoder feeds the side decoder (cross-attention), not the head: it has no up-projection.
         self.up = nn.Linear(side_width, backbone_width) if feeds_head else None
-        if output_mode == "add" and feeds_head:
+        if output_mode in ("add", "add_normed") and feeds_head:
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
+        # "add_normed": a per-dimension gate on the up-projected side output, added after the frozen final norm. It
+        # starts at one while `up` starts at zero, so step 0 is the base model and `up` gets gradients at once.
+        self.output_gate = (
+            nn.Parameter(torch.ones(backbone_width)) if output_mode == "add_normed" and feeds_head else None
+        )
+        # ladder_norm "tap": each detached tap is RMS-normalised (no parameters) before its ladder, so a few outlier
+        # dimensions of the backbone's residual stream cannot dominate what the side network reads.
+        self.normalise_taps = normalise_taps
         # DeBERTa-v2's relative-position table at side width (the backbone's one is d wide); None elsewhere.
         self.rel_embeddings = nn.Parameter(rel_embeddings) if rel_embeddings is not None else None
         # Rotary families: the backbone head dimensions whose rotary frequencies the side heads use, when pruning
@@ -139,7 +148,8 @@ class SideStack(nn.Module):
         hidden = self.dropout(self.stream_down(stream_input))
         mu = self.gates().to(hidden.dtype)
         for k, (ladder, block) in enumerate(zip(self.ladders, self.blocks)):
-            hidden = mu[k] * hidden + (1 - mu[k]) * ladder(taps[k])
+            tap = _rms_normalised(taps[k]) if self.normalise_taps else taps[k]
+            hidden = mu[k] * hidden + (1 - mu[k]) * ladder(tap)
             if self.generic_blocks:
                 kwargs = {"padding_mask": side_inputs.padding_mask, "cache": find_cache(layer_calls[k])}
             else:
@@ -157,6 +167,10 @@ class SideStack(nn.Module):
         up = self.up(self.dropout(side_output)).to(backbone_last_layer_output.dtype)
         if self.output_mode == "replace":
             return up
+        if self.output_mode == "add_normed":
+            normed = backbone_final_norm(backbone_last_layer_output) if backbone_final_norm is not None else None
+            base = backbone_last_layer_output if normed is None else normed
+            return base + self.output_gate.to(up.dtype) * up
         combined = backbone_last_layer_output + up
         return backbone_final_norm(combined) if backbone_final_norm is not None else combined
 
@@ -184,6 +198,12 @@ class SideRotary:
                 cos, sin = cos[..., dims], sin[..., dims]
             per_kind[kind] = (cos, sin)
         return [per_kind[kind] for kind in kinds]
+
+
+def _rms_normalised(tap: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``tap / rms(tap)`` over the hidden dimension, computed in fp32 (outlier dimensions reach 1e4 in bf16 models)."""
+    tap32 = tap.float()
+    return (tap32 * torch.rsqrt(tap32.pow(2).mean(-1, keepdim=True) + eps)).to(tap.dtype)
 
 
 class LadderSideNetwork(nn.Module):

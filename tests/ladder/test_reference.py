@@ -27,7 +27,12 @@ CASES = {
     "llama": (transformers.AutoModelForCausalLM, "CAUSAL_LM", [0, 2, 3]),
     "t5": (transformers.AutoModelForSeq2SeqLM, "SEQ_2_SEQ_LM", [1, 2]),
 }
-MODES = ("add", "replace")
+MODES = {
+    "add": {"output_mode": "add"},
+    "replace": {"output_mode": "replace"},
+    "add_normed": {"output_mode": "add_normed"},
+    "add-tap-norm": {"output_mode": "add", "ladder_norm": "tap"},
+}
 TOLERANCE = 1e-5  # fp32, same operations in the same order: the two agree to rounding
 MUTATION_GAP = 1e-3  # a wrong forward must miss the reference by at least this much
 
@@ -50,7 +55,7 @@ def build_case(family: str, mode: str) -> Case:
     if family == "bert":  # a classifier at the default std 0.02 gives logits too small to compare meaningfully
         torch.nn.init.normal_(model.classifier.weight, std=0.5, generator=torch.Generator().manual_seed(1))
     backbone = copy.deepcopy(model)
-    config = LadderSideConfig(task_type=task, reduction_factor=4, side_layers=side_layers, output_mode=mode)
+    config = LadderSideConfig(task_type=task, reduction_factor=4, side_layers=side_layers, **MODES[mode])
     peft_model = get_peft_model(model, config).eval()
     seeded_side_init_(peft_model.base_model.side_network, seed=0)
     ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))

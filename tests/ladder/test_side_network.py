@@ -157,3 +157,28 @@ def test_generation_past_the_sliding_window_matches_uncached(sliding_window_mist
             base = sliding_window_mistral.generate(input_ids=prompt, **settings, use_cache=False)
     assert torch.equal(cached, uncached)
     assert not torch.equal(uncached, base)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("settings", [{"output_mode": "add_normed"}, {"ladder_norm": "tap"}])
+def test_mixing_after_the_final_norm_and_normalised_taps_start_at_the_base_model_and_train(family, settings):
+    auto, task = {
+        "llama": (transformers.AutoModelForCausalLM, "CAUSAL_LM"),
+        "bert": (transformers.AutoModelForSequenceClassification, "SEQ_CLS"),
+    }[family]
+    model = tiny_model(family, auto).eval()
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    peft_model = get_peft_model(model, LadderSideConfig(task_type=task, reduction_factor=4, **settings)).eval()
+    with torch.no_grad():
+        assert torch.equal(peft_model(input_ids=ids).logits, base)  # exact at step 0
+    peft_model.train()
+    labels = ids if task == "CAUSAL_LM" else torch.tensor([0, 1])
+    peft_model(input_ids=ids, labels=labels).loss.backward()
+    stack = peft_model.base_model.side_network.stacks[0]
+    assert stack.up.weight.grad.abs().sum() > 0  # the zero up-projection gets a gradient at once
+    if settings.get("output_mode") == "add_normed":
+        # the gate multiplies a zero up-projection: no gradient yet, and it starts at one
+        assert torch.equal(stack.output_gate.grad, torch.zeros_like(stack.output_gate))
+        assert torch.equal(stack.output_gate.detach(), torch.ones_like(stack.output_gate))

@@ -13,6 +13,8 @@ the output of backbone layer i and k running over the tapped layers i_k:
     s   = final_norm(h)                          a seq2seq side decoder cross-attends to the side encoder's s
     out = up(s)                                  "replace"
     out = backbone_final_norm(h_L + up(s))       "add" (h_L + up(s) for post-norm families, which have no final norm)
+    out = backbone_final_norm(h_L) + g * up(s)   "add_normed", g = output_gate (per dimension)
+    with ladder_norm="tap" each ladder reads h_i / rms(h_i) instead of h_i
 
 and the model's own frozen head (BERT's pooler and classifier, Llama's lm_head, T5's rescale and lm_head) reads
 ``out`` in place of the body's last hidden state.
@@ -110,7 +112,10 @@ def reference_forward(backbone, side_network, family: str, inputs: dict) -> torc
             hidden = stack.stream_down(_first(calls[0][0]))
             mu = torch.sigmoid(stack.gate_logits / stack.gate_temperature)
             for k, (index, block) in enumerate(zip(stack.tapped_layers, stack.blocks)):
-                hidden = mu[k] * hidden + (1 - mu[k]) * stack.ladders[k](_first(outputs[index]))
+                tap = _first(outputs[index])
+                if stack.normalise_taps:
+                    tap = tap * torch.rsqrt(tap.pow(2).mean(-1, keepdim=True) + 1e-6)
+                hidden = mu[k] * hidden + (1 - mu[k]) * stack.ladders[k](tap)
                 named = _side_arguments(
                     backbone,
                     layers[index],
@@ -127,8 +132,11 @@ def reference_forward(backbone, side_network, family: str, inputs: dict) -> torc
                 side_encoder_output = s
                 return output
             up = stack.up(s)
+            norm = backbone.get_submodule(spec.final_norm) if spec.final_norm else (lambda x: x)
             if stack.output_mode == "replace":
                 last = up
+            elif stack.output_mode == "add_normed":
+                last = norm(_first(outputs[len(layers) - 1])) + stack.output_gate * up
             else:
                 combined = _first(outputs[len(layers) - 1]) + up
                 last = backbone.get_submodule(spec.final_norm)(combined) if spec.final_norm else combined
@@ -169,3 +177,5 @@ def seeded_side_init_(side_network, seed: int) -> None:
                     else:
                         param.copy_(0.1 * noise)
             stack.gate_logits.copy_(0.05 * torch.arange(len(stack.gate_logits), dtype=torch.float) - 0.08)
+            if getattr(stack, "output_gate", None) is not None:
+                stack.output_gate.copy_(1 + 0.1 * torch.randn(stack.output_gate.shape, generator=generator))
