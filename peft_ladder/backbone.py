@@ -25,8 +25,9 @@ from torch import nn
 LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers")
 DECODER_LAYER_COUNT_KEYS = ("num_decoder_layers", "decoder_layers")
 INTERMEDIATE_SIZE_KEYS = ("intermediate_size", "d_ff", "hidden_dim", "encoder_ffn_dim", "ffn_dim", "n_inner")
-# Names under which families keep the norm that follows the last block (a sibling of the layer stack).
-FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "layer_norm")
+# Names under which families keep the norm that follows the last block (a sibling of the layer stack): ModernBERT's
+# is `final_norm`, ViT's `layernorm`. A norm missed here is silently skipped by LST, so step 0 is no longer the base.
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "layer_norm", "final_norm", "layernorm")
 
 
 class UnsupportedModelError(ValueError):

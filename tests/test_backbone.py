@@ -4,9 +4,10 @@ import pytest
 import torch
 import transformers
 from conftest import DECODERS, ENCODERS, SEQ2SEQ, TINY_CONFIGS, tiny_model
+from peft import get_peft_model
 from torch import nn
 
-from peft_ladder import UnsupportedModelError, inspect_backbone
+from peft_ladder import LadderSideConfig, UnsupportedModelError, inspect_backbone
 
 # (family, auto class) -> (stack paths, head names, final norm of the first stack)
 EXPECTED = {
@@ -149,3 +150,51 @@ def test_introspection_does_not_touch_the_model():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     inspect_backbone(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# Final norms under names beyond "norm" / "ln_f": LST's "add" mode feeds its output through them, so one missed here
+# is skipped silently and step 0 is no longer the base model.
+OTHER_FINAL_NORM_NAMES = {
+    "modernbert": (
+        lambda: transformers.ModernBertConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            vocab_size=128,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            cls_token_id=1,
+            sep_token_id=2,
+        ),
+        transformers.AutoModelForSequenceClassification,
+        "model.final_norm",
+        {"input_ids": torch.tensor([[5, 9, 22, 31, 7]])},
+    ),
+    "vit": (
+        lambda: transformers.ViTConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            image_size=16,
+            patch_size=8,
+        ),
+        transformers.AutoModelForImageClassification,
+        "vit.layernorm",
+        {"pixel_values": torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))},
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(OTHER_FINAL_NORM_NAMES))
+def test_final_norm_under_other_names_is_found_and_kept_by_lst(family):
+    make_config, auto, final_norm, inputs = OTHER_FINAL_NORM_NAMES[family]
+    torch.manual_seed(0)
+    model = auto.from_config(make_config()).eval()
+    assert inspect_backbone(model).stacks[0].final_norm_path == final_norm
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        adapted = get_peft_model(model, LadderSideConfig(reduction_factor=4)).eval()(**inputs).logits
+    assert torch.equal(adapted, reference)  # "add" mode at step 0: the base model
