@@ -66,6 +66,13 @@ class LadderSideConfig(PeftConfig):
             paper); fewer heads give wider ones at the same side width (all-MiniLM at r=8: 12 heads of dim 4, or 4 of
             dim 12). Must divide the side query width, leave a head dim no larger than the backbone's, and be a
             multiple of the side key/value heads.
+        side_attention_dropout (`Optional[float]`):
+            Dropout on the side blocks' attention probabilities. `None` (default) keeps the backbone's. `0.0` lets
+            PyTorch's fused attention kernels run in training (with dropout on, its CPU attention falls back to a
+            path that keeps the (batch, heads, length, length) probabilities and masks for backward).
+        backbone_dropout (`bool`):
+            `True` (default, the paper): the frozen backbone runs with its dropout in training, so the ladders read
+            noisy taps. `False`: the backbone runs as in evaluation (no random draws, cheaper on the CPU).
         ladder_norm (`str`):
             `"none"` (default): each ladder reads its backbone layer's output as it is. `"tap"`: the tap is first
             RMS-normalised over the hidden dimension (no parameters, nothing more kept for backward), so the few
@@ -133,6 +140,12 @@ class LadderSideConfig(PeftConfig):
     side_heads: Optional[int] = field(
         default=None, metadata={"help": "Attention heads of the side blocks (None = the backbone's)."}
     )
+    side_attention_dropout: Optional[float] = field(
+        default=None, metadata={"help": "Attention-probability dropout of the side blocks (None = the backbone's)."}
+    )
+    backbone_dropout: bool = field(
+        default=True, metadata={"help": "Keep the frozen backbone's dropout on in training (the paper)."}
+    )
     ladder_norm: Literal["none", "tap"] = field(
         default="none", metadata={"help": "Normalise each tap before its ladder: none or tap (parameter-free RMS)."}
     )
@@ -180,6 +193,11 @@ class LadderSideConfig(PeftConfig):
         self.side_heads = checks.check_int("side_heads", self.side_heads, minimum=1, optional=True)
         checks.check_choice("output_mode", self.output_mode, OUTPUT_MODES, optional=True)
         checks.check_choice("ladder_norm", self.ladder_norm, LADDER_NORMS)
+        if self.side_attention_dropout is not None:
+            self.side_attention_dropout = checks.check_real(
+                "side_attention_dropout", self.side_attention_dropout, 0, 1, exclude_maximum=True
+            )
+        checks.check_bool("backbone_dropout", self.backbone_dropout)
         self.side_dropout = checks.check_real("side_dropout", self.side_dropout, 0, 1, exclude_maximum=True)
         self.layers_path = checks.check_layers_path("layers_path", self.layers_path)
         self.modules_to_save = checks.check_module_names("modules_to_save", self.modules_to_save)

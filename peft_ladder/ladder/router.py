@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .._tuner import is_dtensor, is_fsdp_module
 from .loss import chunked_causal_lm_loss
 from .side_network import LadderSideNetwork, SideInputs, SideRotary, first_output
 
@@ -127,8 +128,10 @@ class LadderRouter:
         if side is None:
             return original(*args, **kwargs)
         stack = side.stacks[plan.index]
+        check_gathered(stack, plan.body)
         # 1. The backbone, frozen and graph-free; hooks keep what the side network reads.
-        with StackCapture(plan, stack.tapped_layers) as capture, torch.no_grad():
+        backbone_mode = _eval_mode(plan.body) if not stack.backbone_dropout else contextlib.nullcontext()
+        with StackCapture(plan, stack.tapped_layers) as capture, torch.no_grad(), backbone_mode:
             output = original(*args, **kwargs)
         # 2. The side network, with grad.
         state = self._state.get()
@@ -192,6 +195,25 @@ class LadderRouter:
 
     def _active_side(self) -> LadderSideNetwork | None:
         return None if self._bypass else self.side
+
+
+def check_gathered(stack: nn.Module, body: nn.Module) -> None:
+    """Refuse to run a side stack whose weights FSDP has not gathered, before the backbone runs.
+
+    Under ``fully_shard`` the side stack's weights are whole only inside the forward of the FSDP unit that holds
+    them. They are still shards here when the model is run by a method FSDP does not hook (``generate()``), or when
+    that unit is a module whose forward never runs (the side network as a whole).
+    """
+    weight = stack.stream_down.weight
+    if not is_dtensor(weight) or is_fsdp_module(stack) or is_fsdp_module(stack.stream_down):
+        return
+    raise RuntimeError(
+        f"The Ladder side network's weights are still FSDP shards when {type(body).__name__} runs: the model was run "
+        "outside the forward of the FSDP unit that holds them. For generate(), register it after fully_shard: "
+        "`torch.distributed.fsdp.register_fsdp_forward_method(peft_model, 'generate')` on the PeftModel (the root "
+        "unit); or gather the adapter and generate from an unsharded model that loads it. If fully_shard was called "
+        "on the side network itself, shard its blocks instead (`peft_model.fsdp_units()`)."
+    )
 
 
 class StackCapture:
@@ -323,6 +345,18 @@ def _replace_last_hidden(output, last_hidden: torch.Tensor, plan: StackPlan):
     if pooled is not None and output.get("pooler_output") is not None:
         output["pooler_output"] = pooled
     return output
+
+
+@contextlib.contextmanager
+def _eval_mode(body: nn.Module):
+    """The backbone body in eval mode for one call (its dropout off), each module's own mode restored after."""
+    modes = [(module, module.training) for module in body.modules()]
+    body.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 @contextlib.contextmanager

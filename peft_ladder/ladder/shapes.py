@@ -28,6 +28,8 @@ MIN_SIDE_HEAD_DIM = 4
 HEAD_COUNT_KEYS = ("num_attention_heads", "encoder_attention_heads", "decoder_attention_heads")
 KV_HEAD_COUNT_KEYS = ("num_key_value_heads",)
 HEAD_DIM_KEYS = ("head_dim", "d_kv")
+# Config fields holding the attention-probability dropout (families that have one separate from hidden dropout).
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
 # Config constants proportional to the head dim (the attention scale is derived from them).
 HEAD_DIM_SCALED_KEYS = ("query_pre_attn_scalar",)
 
@@ -111,9 +113,14 @@ def has_explicit_head_dim(config) -> bool:
     return any(getattr(config, key, None) for key in HEAD_DIM_KEYS)
 
 
-def reduced_config(config, info: BackboneInfo, shape: SideShape):
-    """A deep copy of ``config`` with the side widths written into every field that holds them."""
+def reduced_config(config, info: BackboneInfo, shape: SideShape, attention_dropout: float | None = None):
+    """A deep copy of ``config`` with the side widths written into every field that holds them, and
+    ``attention_dropout`` (if given) into its attention-probability dropout fields."""
     side = copy.deepcopy(config)
+    if attention_dropout is not None:
+        for key in ATTENTION_DROPOUT_KEYS:
+            if hasattr(config, key):
+                setattr(side, key, attention_dropout)
     side.hidden_size = shape.hidden_size  # resolves aliases (n_embd, d_model, dim) through attribute_map
     for key in INTERMEDIATE_SIZE_KEYS + ("decoder_ffn_dim",):
         real = config.attribute_map.get(key, key)

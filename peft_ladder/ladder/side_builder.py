@@ -94,7 +94,7 @@ def build_side_network(
             uses_rotary=rotary_module is not None,
             requested_heads=config.side_heads,
         )
-        side_config = reduced_config(base_config, info, shape)
+        side_config = reduced_config(base_config, info, shape, attention_dropout=config.side_attention_dropout)
         depth = len(plan.layers)
         if isinstance(getattr(side_config, "layer_types", None), list):  # slots L + k follow layer i's type
             side_config.layer_types = list(side_config.layer_types) + [
@@ -126,6 +126,7 @@ def build_side_network(
             side_head_dim=shape.head_dim,
             uses_rotary=rotary_module is not None,
             normalise_taps=config.ladder_norm == "tap",
+            backbone_dropout=config.backbone_dropout,
             generic_blocks=generic,
             feeds_head=not (info.is_encoder_decoder and not plan.is_decoder_stack),
         )

@@ -71,3 +71,29 @@ def test_training_outputs_keep_only_last_logits_and_eval_returns_full_logits():
         eval_out = peft_model(**inputs, labels=inputs["input_ids"])
     assert eval_out.logits.shape == (2, 7, 128)
     assert torch.allclose(eval_out.loss, train_out.loss.detach(), atol=1e-5)  # dropout is 0 at step 0 in add mode
+
+
+def test_backbone_dropout_off_runs_the_backbone_as_in_evaluation_and_keeps_its_modes():
+    model = tiny_model("bert", transformers.AutoModelForSequenceClassification, hidden_dropout_prob=0.5)
+    peft_model = get_peft_model(
+        model, LadderSideConfig(task_type="SEQ_CLS", reduction_factor=4, backbone_dropout=False)
+    )
+    peft_model.train()
+    inputs = family_inputs("bert")
+    taps = []
+    handle = model.bert.encoder.layer[1].register_forward_hook(lambda m, a, out: taps.append(out[0].clone()))
+    peft_model(**inputs)
+    peft_model(**inputs)
+    handle.remove()
+    assert torch.equal(taps[0], taps[1])  # no dropout draws in the backbone
+    assert model.bert.training and model.bert.encoder.layer[1].training  # the modes are back after the call
+    assert peft_model.base_model.side_network.stacks[0].blocks[0].training
+
+
+def test_side_attention_dropout_sets_the_side_blocks_attention_dropout_only():
+    model = tiny_model("bert", transformers.AutoModelForSequenceClassification, attention_probs_dropout_prob=0.1)
+    peft_model = get_peft_model(
+        model, LadderSideConfig(task_type="SEQ_CLS", reduction_factor=4, side_attention_dropout=0.0)
+    )
+    assert peft_model.base_model.side_network.stacks[0].blocks[0].attention.self.dropout.p == 0.0
+    assert model.bert.encoder.layer[0].attention.self.dropout.p == 0.1
