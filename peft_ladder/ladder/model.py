@@ -93,6 +93,11 @@ class LadderSideModel(ModuleTuner):
             for stack in network.stacks:
                 for block in stack.blocks:
                     block.compile()
+        if network.stacks and all(stack.generic_blocks for stack in network.stacks):
+            # A fallback (at build time or at the first forward) is recorded, so that the saved config names the
+            # blocks its weights belong to: a reload whose first forward succeeds would otherwise build the family's
+            # blocks and load none of the weights into them.
+            config.side_block = "generic"
         config.backbone_shape = _shape_record(info)
         self._plans = plans
         return network

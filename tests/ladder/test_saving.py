@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 
 from peft_ladder import LadderSideConfig
+from peft_ladder.ladder.model import LadderSideModel
 
 
 def trained_bert_adapter():
@@ -126,3 +128,37 @@ def test_print_trainable_parameters_counts_the_side_network(capsys):
     assert trainable == side + head
     peft_model.print_trainable_parameters()
     assert f"trainable params: {side + head:,}" in capsys.readouterr().out
+
+
+def test_a_fallback_at_the_first_forward_is_saved_and_reloaded(tmp_path, monkeypatch):
+    """A family's block that fails the first forward at side width gets the generic block; the saved config says so,
+    so that a reload (whose first forward may well succeed with unloaded weights) builds the blocks the weights are
+    for instead of loading none of them."""
+    probe = LadderSideModel._probe_forward
+
+    def fails_unless_generic(self, model, plans, network):
+        if not all(stack.generic_blocks for stack in network.stacks):
+            raise RuntimeError("this block cannot run at side width")
+        return probe(self, model, plans, network)
+
+    model = tiny_model("llama", transformers.AutoModelForCausalLM)
+    inputs = {"input_ids": INPUTS["input_ids"] % 128}
+    with monkeypatch.context() as patch:
+        patch.setattr(LadderSideModel, "_probe_forward", fails_unless_generic)
+        with pytest.warns(UserWarning, match="generic pre-norm side block"):
+            peft_model = get_peft_model(model, LadderSideConfig(task_type="CAUSAL_LM", reduction_factor=4))
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.01)
+        expected = peft_model.eval()(**inputs).logits
+    peft_model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["side_block"] == "generic"
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(tiny_model("llama", transformers.AutoModelForCausalLM), tmp_path).eval()
+    assert not [w for w in caught if "missing adapter keys" in str(w.message)]
+    assert loaded.base_model.side_network.stacks[0].generic_blocks
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, expected)
