@@ -23,6 +23,9 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import set_additional_trainable_modules
 from torch import nn
 
+from .backbone import inspect_backbone
+from .quantization.inspection import is_quantized_module, quantization_info
+
 
 class AdapterModules(nn.Module, BaseTunerLayer):
     """Holds one module per adapter name under the attribute ``attribute_name`` (an ``nn.ModuleDict``)."""
@@ -108,6 +111,7 @@ class ModuleTuner(BaseTuner):
     ) -> None:
         config = self.peft_config[adapter_name]
         # Build first: every validation error is raised here, before the model or the tuner changes.
+        check_not_sharded(model)
         if hasattr(config, "check_fields"):  # fields may have been set after the config was built
             config.check_fields()
         _check_modules_to_save_exist(model, config)
@@ -181,6 +185,69 @@ class ModuleTuner(BaseTuner):
             return None
         return self.adapter_modules[name]
 
+    # ------------------------------------------------------------------ FSDP
+    def fsdp_units(self, adapter_blocks: bool = True) -> list[nn.Module]:
+        """The modules to shard one by one with ``torch.distributed.fsdp.fully_shard``, in this order, before the
+        ``PeftModel`` itself (the root unit).
+
+        Every block of the backbone's layer stacks, then, with ``adapter_blocks=True``, every block of every adapter
+        (LST side blocks, Theseus successor layers), each its own unit, as a policy that wraps by block class gives.
+        With ``adapter_blocks=False`` the adapter's blocks stay in the root unit, with the rest of the adapter, the
+        embeddings and the head.
+
+        Raises ``ValueError`` before anything is sharded if FSDP cannot shard this model: it is sharded already, or
+        its layer stacks hold quantized weights.
+        """
+        check_not_sharded(self.model)
+        blocks = self._backbone_blocks()
+        _check_shardable_weights(self.model, blocks)
+        if adapter_blocks:
+            blocks += [block for module in self.adapter_modules.values() for block in self._adapter_blocks(module)]
+        return blocks
+
+    def _backbone_blocks(self) -> list[nn.Module]:
+        """Every block of the layer stacks the adapters use, stack by stack."""
+        blocks, seen = [], set()
+        for config in self.peft_config.values():
+            for stack in inspect_backbone(self.model, getattr(config, "layers_path", None)).stacks:
+                for block in stack.layers._modules.values():  # the list's own blocks, whatever routing is set
+                    if id(block) not in seen:
+                        seen.add(id(block))
+                        blocks.append(block)
+        return blocks
+
+    def _adapter_blocks(self, module: nn.Module) -> list[nn.Module]:
+        """The blocks inside one adapter's module (here: instances of the backbone's block classes)."""
+        block_classes = tuple({type(block) for block in self._backbone_blocks()})
+        return [child for child in module.modules() if isinstance(child, block_classes)]
+
+    def merge_and_unload(self, *args, **kwargs):
+        if any(is_fsdp_module(module) for module in self.modules()):
+            raise ValueError(
+                "merge_and_unload() needs the whole model, but this one is sharded with FSDP. Gather the trainable "
+                "state onto rank 0 (get_model_state_dict with StateDictOptions(full_state_dict=True, "
+                "cpu_offload=True, ignore_frozen_params=True), on every rank), then on rank 0 load it into an "
+                "unsharded copy (get_peft_model on a fresh base, load_state_dict(state_dict, strict=False)) and "
+                "call merge_and_unload() there."
+            )
+        return super().merge_and_unload(*args, **kwargs)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        sharded = next((key for key, value in selected.items() if is_dtensor(value)), None)
+        if sharded is not None:
+            raise ValueError(
+                f"The adapter's weights are FSDP shards ({sharded} is a DTensor): saving them as they are would write "
+                "this rank's pieces only. Gather them onto rank 0 (on every rank), then save from rank 0 alone:\n"
+                "    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict\n"
+                "    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)\n"
+                "    state_dict = get_model_state_dict(peft_model, options=options)\n"
+                "    if torch.distributed.get_rank() == 0:\n"
+                "        peft_model.save_pretrained(path, state_dict=state_dict)"
+            )
+        return selected
+
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         # "...adapters.ladder_side_net.<name>.x" -> "...adapters.ladder_side_net.x"; keys of modules_to_save
@@ -248,3 +315,59 @@ def _upcast_half_floats(module: nn.Module) -> None:
     for param in module.parameters():
         if param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.float()
+
+
+# ---------------------------------------------------------------------- FSDP
+def is_dtensor(value) -> bool:
+    """Whether ``value`` is a ``DTensor``: under ``fully_shard``, a parameter outside its unit's forward."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def is_fsdp_module(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` was called on ``module`` (it is an FSDP unit, or the first module of one)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def check_not_sharded(model: nn.Module) -> None:
+    """Refuse a model that ``fully_shard`` has sharded: adapters are built, loaded and planned on the whole model."""
+    name = next((name for name, module in model.named_modules() if is_fsdp_module(module)), None)
+    if name is not None:
+        raise ValueError(
+            f"This {type(model).__name__} is already sharded with FSDP (fully_shard was called on "
+            f"'{name or type(model).__name__}'): its weights are DTensor shards, which an adapter cannot be built "
+            "from or loaded into. Create or load the adapter on the unsharded model (get_peft_model, "
+            "PeftModel.from_pretrained), then shard the PeftModel (`peft_model.fsdp_units()`, then the PeftModel)."
+        )
+
+
+def _check_shardable_weights(model: nn.Module, blocks: list[nn.Module]) -> None:
+    """Refuse a backbone with quantized weights in its layer stacks, which FSDP cannot shard."""
+    info = quantization_info(model)
+    found = next(
+        (
+            f"{type(block).__name__}.{name}"
+            for block in blocks
+            for name, m in block.named_modules()
+            if is_quantized_module(m)
+        ),
+        None,
+    )
+    loaded_quantized = getattr(getattr(model, "config", None), "quantization_config", None) is not None
+    if found is None and not loaded_quantized and (info is None or info.backend == "cast"):
+        return
+    what = f"{info.scheme!r} with {info.backend}" if info is not None and info.backend != "cast" else found
+    raise ValueError(
+        f"FSDP cannot shard this quantized backbone ({what or 'config.quantization_config'}): torchao and NF4 weights "
+        "fail inside fully_shard, and quantize_dynamic's packed int8 weights are not parameters, so every rank would "
+        "hold all of them. Shard the float backbone instead (a bf16 cast, peft_ladder.quantize(model, 'bf16'), shards "
+        "like fp32), or keep the quantized backbone and train with DDP, where every rank holds the whole quantized "
+        "backbone (which is what quantizing it is for)."
+    )

@@ -17,7 +17,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .._tuner import is_dtensor, is_fsdp_module
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 1024
@@ -49,6 +52,7 @@ def chunked_causal_lm_loss(
     targets = flat_labels[labelled]
     if targets.numel() == 0:
         return hidden.sum() * 0.0  # keeps the graph; matches a loss with nothing to learn
+    head = _without_fsdp_hooks(head)
 
     def chunk_loss(chunk_hidden: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
         logits = head(chunk_hidden).float()
@@ -68,3 +72,19 @@ def chunked_causal_lm_loss(
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(total.device)
     return total / denominator
+
+
+def _without_fsdp_hooks(head: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The head as a plain function of its weights when FSDP (``fully_shard``) manages it and they are gathered.
+
+    Calling an FSDP-managed head once per chunk makes each call a forward of its FSDP unit, whose backward reshards
+    the unit. When the head shares its unit with the final norm (accelerate's FSDP2 plugin groups the two), that
+    frees the norm's weight before the backward through the norm that LST's "add" output ran, and the backward
+    crashes (a segmentation fault in torch 2.13). The weights are gathered here whenever the unit keeps them from
+    forward to backward (the root unit, or ``reshard_after_forward=False``), because the model has just run the
+    head; the head is then used without its hooks. A sharded head is called as a module, so that FSDP gathers it.
+    """
+    if isinstance(head, nn.Linear) and is_fsdp_module(head) and not is_dtensor(head.weight):
+        weight, bias = head.weight, head.bias
+        return lambda chunk: F.linear(chunk, weight, bias)
+    return head

@@ -250,6 +250,10 @@ class LadderSideModel(ModuleTuner):
         """The active adapter's side network (``None`` while adapters are disabled)."""
         return self.active_adapter_module
 
+    def _adapter_blocks(self, module: LadderSideNetwork) -> list[nn.Module]:
+        # every side block, whether of the backbone's class or the generic fallback (see ModuleTuner.fsdp_units)
+        return [block for stack in module.stacks for block in stack.blocks]
+
 
 # ---------------------------------------------------------------------- validation
 def _check_task_type(model: nn.Module, task_type) -> None:
