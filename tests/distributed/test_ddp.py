@@ -1,6 +1,6 @@
 """LST and Theseus train with DistributedDataParallel through the real launchers: 2 CPU processes, gloo backend.
 
-`tests/distributed_train.py` is an ordinary Trainer script that trains an LST sequence classifier, a Theseus
+`ddp_train.py` is an ordinary Trainer script that trains an LST sequence classifier, a Theseus
 compression and an LST causal LM, one after the other. These tests launch it with `torchrun` and with `accelerate
 launch` and check what data-parallel training must guarantee: the loss goes down, every rank ends with the same
 trainable weights although each read different batches, the Theseus draws agree across ranks, DDP is told about
@@ -20,12 +20,13 @@ import pytest
 import torch
 import transformers
 from conftest import tiny_model
-from distributed_train import trainable_weights_hash
 from peft import PeftModel, TaskType, get_peft_model
 
 from peft_ladder import LadderSideConfig, TheseusConfig
 
-SCRIPT = pathlib.Path(__file__).with_name("distributed_train.py")
+from .ddp_train import trainable_weights_hash
+
+SCRIPT = pathlib.Path(__file__).with_name("ddp_train.py")
 BIN = pathlib.Path(sys.executable).parent
 NUM_PROCESSES = 2
 TIMEOUT_S = 180

@@ -1,9 +1,9 @@
-"""Tiny data-parallel Trainer runs of LST and Theseus models, launched by `tests/test_distributed.py`.
+"""Tiny data-parallel Trainer runs of LST and Theseus models, launched by `tests/distributed/test_ddp.py`.
 
 Run it under a real launcher, 2 CPU processes with the gloo backend:
 
-    torchrun --nproc_per_node 2 tests/distributed_train.py --base DIR --causal-base DIR --output-dir OUT
-    accelerate launch --multi_gpu --num_processes 2 tests/distributed_train.py --base DIR --causal-base DIR ...
+    torchrun --nproc_per_node 2 tests/distributed/ddp_train.py --base DIR --causal-base DIR --output-dir OUT
+    accelerate launch --multi_gpu --num_processes 2 tests/distributed/ddp_train.py --base DIR --causal-base DIR ...
 
 (`accelerate launch --cpu --num_processes 2` starts ONE process unless MPI is set up: see docs/distributed.md.)
 
