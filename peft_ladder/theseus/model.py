@@ -344,7 +344,12 @@ def _stack_hook(tuner: TheseusModel, path: str, layers: routing.ReplaceableLayer
 
     def before_stack_forward(module, args):
         tuner = tuner_ref()
-        routing.set_plan(layers, tuner._plan(path, layers) if tuner is not None else None)
+        plan = tuner._plan(path, layers) if tuner is not None else None
+        routing.set_plan(layers, plan)
+        successor = tuner.active_adapter_module if tuner is not None else None
+        if plan is not None and successor is not None and path in successor.stack_paths:
+            successor_layers = list(successor.stacks[successor.stack_paths.index(path)])
+            routing.follow_layer_kinds(layers, plan, successor_layers, getattr(module, "config", None))
 
     return before_stack_forward
 
@@ -365,6 +370,7 @@ def _after_stack_hook(tuner: TheseusModel, layers: routing.ReplaceableLayers):
     tuner_ref = weakref.ref(tuner)
 
     def after_stack_forward(module, args, output):
+        routing.restore_layer_kinds(layers)
         routing.set_plan(layers, None)
         tuner = tuner_ref()
         if tuner is not None and tuner._routing_state()["grad_fallback"]:

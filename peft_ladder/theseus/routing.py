@@ -11,6 +11,11 @@ before.
 A plan is a flat list of blocks, so a family's loop chains them as it chains its own: masks, rotary embeddings,
 caches and T5's position bias all flow through. T5 needs its first block to compute the relative attention bias; the
 first entry of every plan is either predecessor block 0 or successor layer 0, and both carry it.
+
+Hybrid families (Gemma 2/3, GPT-OSS, Cohere 2, OLMo 3, Qwen3-Next) also pick each block's attention mask, rotary table
+and cache slot kind by position, from ``config.layer_types[i]``. A plan that keeps some predecessor blocks moves them
+to other positions, so while it runs the config names, at each position, the kind of the block that runs there
+(:func:`follow_layer_kinds`): every block keeps the kind it was built as.
 """
 
 from __future__ import annotations
@@ -77,6 +82,35 @@ def set_plan(layers: ReplaceableLayers, plan: list[nn.Module] | None) -> None:
         for position, layer in enumerate(plan):
             set_layer_index(layer, indices[position])
     layers.__dict__["_theseus_plan"] = plan
+
+
+def follow_layer_kinds(layers: ReplaceableLayers, plan: list[nn.Module], successor_layers: list[nn.Module], config):
+    """While ``plan`` runs, make ``config.layer_types`` name the kind of the block at each position of the plan.
+
+    Predecessor block j is of kind ``layer_types[j]``; successor layer i is structurally predecessor block i, so of
+    kind ``layer_types[i]``. Nothing changes where the plan's kinds are already those of its positions (every plan of
+    a family without per-layer kinds, and the successor alone); :func:`restore_layer_kinds` undoes the change.
+    """
+    kinds = getattr(config, "layer_types", None)
+    predecessor = list(layers._modules.values())
+    if not isinstance(kinds, (list, tuple)) or len(kinds) != len(predecessor):
+        return
+    index_of = {id(layer): index for index, layer in enumerate(successor_layers)}
+    index_of.update({id(layer): index for index, layer in enumerate(predecessor)})
+    if any(id(layer) not in index_of for layer in plan):
+        return
+    own = [kinds[index_of[id(layer)]] for layer in plan]
+    if own == list(kinds[: len(own)]):
+        return
+    layers.__dict__["_theseus_saved_kinds"] = (config, kinds)
+    config.layer_types = type(kinds)(own + list(kinds[len(own) :]))
+
+
+def restore_layer_kinds(layers: ReplaceableLayers) -> None:
+    saved = layers.__dict__.pop("_theseus_saved_kinds", None)
+    if saved is not None:
+        config, kinds = saved
+        config.layer_types = kinds
 
 
 def layer_index_of(layer: nn.Module) -> int | None:
