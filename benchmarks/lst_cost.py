@@ -132,9 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.write_text(
         json.dumps({"model": args.model, "batch": [args.batch_size, args.seq_len], "rows": rows}, indent=1)
     )
-    print(
-        f"| variant | saved for backward | vs {reference} | operator calls | vs {reference} | median step | vs {reference} |"
-    )
+    versus = f"vs {reference}"
+    print(f"| variant | saved for backward | {versus} | operator calls | {versus} | median step | {versus} |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, row in rows.items():
         print(
