@@ -78,6 +78,7 @@ class LadderSideModel(ModuleTuner):
     def _build_adapter_module(self, model: nn.Module, config, adapter_name: str) -> nn.Module:
         info = inspect_backbone(model, config.layers_path)
         _check_task_type(model, config.task_type)
+        _check_layer_kinds(model)
         config.check_loaded_against(_shape_record(info), getattr(model, "name_or_path", None))
         plans = self._plans or plan_stacks(model, info)
         if [id(plan.layers) for plan in plans] != [id(stack.layers) for stack in info.stacks]:
@@ -265,6 +266,25 @@ def _check_task_type(model: nn.Module, task_type) -> None:
             f"task_type={task_type} needs a model with that head, but got {class_name}. Load the model with "
             f"`transformers.{_AUTO_CLASS_FOR_TASK[task_type]}.from_pretrained(...)`, or use the task type that "
             f"matches {class_name} (FEATURE_EXTRACTION for a bare backbone)."
+        )
+
+
+# Per-layer kinds (``config.layer_types``, Jamba-style ``layers_block_type``) whose blocks keep a KV cache the side
+# network can run beside. Linear-attention, convolution and state-space layers keep a recurrent state instead.
+ATTENTION_LAYER_KINDS = ("full_attention", "sliding_attention", "chunked_attention", "attention")
+
+
+def _check_layer_kinds(model: nn.Module) -> None:
+    config = model.config
+    kinds = getattr(config, "layer_types", None) or getattr(config, "layers_block_type", None) or []
+    other = sorted({kind for kind in kinds if kind not in ATTENTION_LAYER_KINDS})
+    if other:
+        raise UnsupportedModelError(
+            f"Ladder side-tuning does not support {type(model).__name__} (model_type '{config.model_type}') yet: its "
+            f"layer stack mixes attention with {', '.join(other)} layers, which carry a recurrent state that the side "
+            "network cannot extend beside its own blocks. No LadderSideConfig option works around this "
+            "(side_block='generic' and layers_path fail the same way). Compressing the model with TheseusConfig "
+            "works on these stacks."
         )
 
 

@@ -127,6 +127,46 @@ def test_bad_input_raises_clearly_and_leaves_the_model_untouched(make_config, ma
     assert_untouched(model, before)
 
 
+# Stacks that mix attention with layers that carry a recurrent state (Gated DeltaNet, short convolutions).
+RECURRENT_HYBRIDS = {
+    "qwen3_5": lambda: transformers.Qwen3_5TextConfig(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=128,
+        head_dim=16,
+        linear_num_value_heads=4,
+        linear_num_key_heads=2,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        pad_token_id=0,
+    ),
+    "lfm2": lambda: transformers.Lfm2Config(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=128,
+        layer_types=["conv", "full_attention"] * 2,
+        pad_token_id=0,
+    ),
+}
+
+
+@pytest.mark.parametrize(("family", "kind"), [("qwen3_5", "linear_attention"), ("lfm2", "conv")])
+def test_recurrent_hybrid_stacks_are_refused_naming_the_family_reason_and_alternative(family, kind):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(RECURRENT_HYBRIDS[family]())
+    before = backbone_state(model)
+    match = rf"does not support {type(model).__name__} .*'{model.config.model_type}'.* {kind} layers.*TheseusConfig"
+    with pytest.raises(UnsupportedModelError, match=match):
+        get_peft_model(model, LadderSideConfig(task_type="CAUSAL_LM", reduction_factor=4))
+    assert_untouched(model, before)
+
+
 def test_unsupported_model():
     class NotAHuggingFaceModel(torch.nn.Module):
         def forward(self, x):
