@@ -116,6 +116,7 @@ def inspect_backbone(model: nn.Module, layers_path: str | list[str] | None = Non
             f"{type(model).__name__} is not a Hugging Face PreTrainedModel (it has no `config.model_type`). "
             "peft_ladder works on transformers models; load yours with `AutoModel*.from_pretrained`."
         )
+    _check_top_level_config(model, config)
     if layers_path is None:
         stack_paths = _discover_stack_paths(model, config)
     else:
@@ -205,6 +206,22 @@ def _layer_counts(config) -> dict[str, int]:
         if isinstance(value, int) and value > 0 and real_key not in counts:
             counts[real_key] = value
     return counts
+
+
+def _check_top_level_config(model: nn.Module, config) -> None:
+    """Refuse models whose depth lives only in sub-configs (T5Gemma's encoder/decoder, multimodal text/vision)."""
+    if _layer_counts(config):
+        return
+    nested = [
+        name for name in getattr(config, "sub_configs", {}) or {} if hasattr(getattr(config, name, None), "to_dict")
+    ]
+    if any(_layer_counts(getattr(config, name)) for name in nested):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} (model_type '{config.model_type}') is not supported yet by either method: it "
+            f"keeps its layer counts and widths in its sub-configs ({', '.join(nested)}), and peft_ladder reads them "
+            "from the model's own config only. `layers_path` does not help: the stacks' depths and widths stay "
+            "unknown."
+        )
 
 
 def _is_block_list(module: nn.Module) -> bool:

@@ -4,10 +4,11 @@ import pytest
 import torch
 import transformers
 from conftest import DECODERS, ENCODERS, SEQ2SEQ, TINY_CONFIGS, tiny_model
+from helpers import assert_untouched, backbone_state
 from peft import get_peft_model
 from torch import nn
 
-from peft_ladder import LadderSideConfig, UnsupportedModelError, inspect_backbone
+from peft_ladder import LadderSideConfig, TheseusConfig, UnsupportedModelError, inspect_backbone
 
 # (family, auto class) -> (stack paths, head names, final norm of the first stack)
 EXPECTED = {
@@ -198,3 +199,36 @@ def test_final_norm_under_other_names_is_found_and_kept_by_lst(family):
         reference = model(**inputs).logits
         adapted = get_peft_model(model, LadderSideConfig(reduction_factor=4)).eval()(**inputs).logits
     assert torch.equal(adapted, reference)  # "add" mode at step 0: the base model
+
+
+def _t5gemma():
+    module = transformers.T5GemmaModuleConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=128,
+        head_dim=16,
+    )
+    config = transformers.T5GemmaConfig(encoder=module, decoder=module, vocab_size=128, pad_token_id=0)
+    torch.manual_seed(0)
+    return transformers.AutoModelForSeq2SeqLM.from_config(config)
+
+
+@pytest.mark.parametrize("method", ["lst", "theseus"])
+@pytest.mark.parametrize("layers_path", [None, ["model.encoder.layers", "model.decoder.layers"]])
+def test_depths_only_in_sub_configs_are_refused_by_both_methods(method, layers_path):
+    """T5Gemma keeps its depths and widths in its encoder and decoder configs: refused, naming them, untouched."""
+    model = _t5gemma()
+    before = backbone_state(model)
+    if method == "lst":
+        config = LadderSideConfig(task_type="SEQ_2_SEQ_LM", reduction_factor=4, layers_path=layers_path)
+    else:
+        config = TheseusConfig(task_type="SEQ_2_SEQ_LM", num_successor_layers=1, layers_path=layers_path)
+    match = (
+        r"T5GemmaForConditionalGeneration \(model_type 't5gemma'\) is not supported.*sub-configs \(encoder, decoder\)"
+    )
+    with pytest.raises(UnsupportedModelError, match=match):
+        get_peft_model(model, config)
+    assert_untouched(model, before)
