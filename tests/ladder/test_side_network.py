@@ -126,20 +126,8 @@ def test_real_smollm2_generates_with_the_side_cache(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def sliding_window_mistral():
-    config = transformers.MistralConfig(
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=128,
-        pad_token_id=0,
-        sliding_window=8,
-    )
-    torch.manual_seed(0)
-    peft_model = get_peft_model(
-        transformers.AutoModelForCausalLM.from_config(config), LadderSideConfig(task_type="CAUSAL_LM")
-    ).eval()
+    model = tiny_model("mistral", transformers.AutoModelForCausalLM, sliding_window=8)
+    peft_model = get_peft_model(model, LadderSideConfig(task_type="CAUSAL_LM")).eval()
     with torch.no_grad():  # a side network that changes the tokens, so the comparison below is not vacuous
         for param in peft_model.base_model.side_network.parameters():
             param.add_(0.05 * torch.randn_like(param))
