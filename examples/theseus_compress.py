@@ -3,9 +3,12 @@
 A normal Trainer script: only the lines marked "peft-ladder" are specific to this library.
 
 1. Fine-tune MiniLM on Rotten Tomatoes (the predecessor), or load one with `--finetuned_model_path`.
-2. Theseus: each of 3 modules (2 consecutive layers each) is replaced, with probability p, by one successor layer
-   that starts as a copy of the predecessor's layer i; only the successor layers train, the head stays frozen as in
-   the paper. p is constant for the first half of the steps, then 1 (the successor trains alone).
+2. Theseus, the two-phase recipe: in phase 1 (the first half of the steps) each of 3 modules (2 consecutive layers
+   each) is replaced, with probability p = 0.5, by one successor layer that starts as a copy of a predecessor layer;
+   in phase 2 the successor trains alone, on a fresh learning-rate schedule, and the best phase-2 checkpoint on
+   validation is kept. Only the successor layers train; the head stays frozen as in the paper.
+   `--successor_init fidelity` starts each successor layer from the predecessor layer that best reproduces its module
+   on a batch of training sentences (the probe's table is printed).
 3. `merge_and_unload()` returns the 3-layer `BertForSequenceClassification`; it is saved with `save_pretrained` and
    reloaded with plain `AutoModelForSequenceClassification.from_pretrained`: no PEFT, no peft_ladder needed.
 
@@ -13,14 +16,14 @@ A normal Trainer script: only the lines marked "peft-ladder" are specific to thi
     python examples/theseus_compress.py --max_steps 2 --max_train_samples 64 --max_eval_samples 32   # smoke test
 
 `--max_steps`, `--num_train_epochs` and the other `TrainingArguments` flags apply to both Trainer runs; the learning
-rates are separate (`--finetune_learning_rate` for step 1, `--learning_rate` for Theseus). Runs offline on the packaged
-MiniLM and Rotten Tomatoes (`make assets`).
+rates are separate (`--finetune_learning_rate` for step 1, `--learning_rate` for Theseus), and only the Theseus run
+evaluates and checkpoints every `--eval_steps` steps. Runs offline on the packaged MiniLM and Rotten Tomatoes
+(`make assets`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +56,9 @@ class ScriptArguments:
     finetune_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of the fine-tuning run."})
     num_successor_layers: int = field(default=3, metadata={"help": "Layers of the compressed model."})
     replacing_rate: float = field(default=0.5, metadata={"help": "Theseus replacement probability p (phase 1)."})
+    successor_init: str = field(
+        default="first_layers", metadata={"help": "Successor start: first_layers, one_per_module or fidelity."}
+    )
     max_length: int = field(default=64, metadata={"help": "Maximum tokens per sentence."})
     max_train_samples: Optional[int] = field(default=1600, metadata={"help": "Truncate the 6,530 train sentences."})
     max_eval_samples: Optional[int] = field(default=500, metadata={"help": "Truncate the 1,000 validation sentences."})
@@ -72,24 +78,18 @@ def accuracy(eval_prediction) -> dict:
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
-def optimizer_steps(args: TrainingArguments, num_examples: int) -> int:
-    """The optimizer steps the Trainer will take (what `max_steps` / `num_train_epochs` amount to)."""
-    if args.max_steps > 0:
-        return args.max_steps
-    batches = math.ceil(num_examples / (args.per_device_train_batch_size * args.world_size))
-    return math.ceil(batches / args.gradient_accumulation_steps) * math.ceil(args.num_train_epochs)
-
-
 def main() -> None:
     parser = HfArgumentParser((ScriptArguments, TrainingArguments))
     parser.set_defaults(
         output_dir="runs/theseus_compress",
-        learning_rate=1e-4,
+        learning_rate=2e-4,
         per_device_train_batch_size=32,
         per_device_eval_batch_size=64,
         num_train_epochs=1,
-        warmup_steps=5,
+        warmup_steps=0.1,
         logging_steps=10,
+        eval_steps=10,
+        save_steps=10,
         eval_strategy="no",
         save_strategy="no",
         report_to="none",
@@ -132,19 +132,37 @@ def main() -> None:
     predecessor_accuracy = make_trainer(predecessor, training_args).evaluate()["eval_accuracy"]
     predecessor_layers = predecessor.config.num_hidden_layers
 
-    # 2. Theseus. peft-ladder: successor layers replace modules of the predecessor; only they train.
-    total_steps = optimizer_steps(training_args, len(train_dataset))
+    # 2. Theseus. peft-ladder: successor layers replace modules of the predecessor (phase 1), then train alone
+    # (phase 2); only they train. TheseusCallback plans both phases from the Trainer's max_steps.
+    calibration = collator(train_dataset[:32]) if script_args.successor_init == "fidelity" else None
+    if calibration is not None:
+        print(peft_ladder.module_fidelity(predecessor, script_args.num_successor_layers, calibration))
     theseus_config = peft_ladder.TheseusConfig(
         num_successor_layers=script_args.num_successor_layers,
         replacing_rate=script_args.replacing_rate,
-        steps_for_replacing=total_steps // 2,  # phase 2 (p = 1: the successor alone) for the second half
+        successor_init=script_args.successor_init,
+        calibration_inputs=calibration,
         seed=training_args.seed,
     )
     model = get_peft_model(predecessor, theseus_config)
     model.print_trainable_parameters()
-    theseus_args = dataclasses.replace(training_args, output_dir=str(output_dir / "theseus"), eval_on_start=True)
-    # peft-ladder (optional): TheseusCallback logs the replacing rate p
-    trainer = make_trainer(model, theseus_args, callbacks=[peft_ladder.TheseusCallback()])
+    theseus_args = dataclasses.replace(
+        training_args,
+        output_dir=str(output_dir / "theseus"),
+        eval_on_start=True,
+        eval_strategy="steps",
+        save_strategy="steps",
+        save_total_limit=2,
+        load_best_model_at_end=True,  # the best phase-2 checkpoint (TheseusCallback ignores phase 1's)
+        metric_for_best_model="accuracy",
+    )
+    # peft-ladder: a fresh learning-rate schedule for phase 2, no weight decay on biases and norms
+    trainer = make_trainer(
+        model,
+        theseus_args,
+        optimizers=peft_ladder.theseus_optimizers(model, theseus_args),
+        callbacks=[peft_ladder.TheseusCallback()],
+    )
     # In eval mode the model runs the successor layers alone, so eval_on_start measures the untrained 3-layer model.
     trainer.train()
     successor_before = next(entry["eval_accuracy"] for entry in trainer.state.log_history if "eval_accuracy" in entry)

@@ -6,7 +6,11 @@ Data flow of one training forward:
    (:func:`~.schedule.draw_replacements`, seeded from the config's seed and the forward count);
 2. a pre-hook on each module that owns a compressed layer list sets the list's *plan*: per module, the successor
    layer or the module's predecessor layers (:mod:`.routing`); the family's own loop then runs the plan;
-3. after each optimizer step that updates successor parameters, a global optimizer post-hook advances the schedule.
+3. after each optimizer step that updates successor parameters, a global optimizer post-hook advances the schedule
+   (phase 1, then phase 2 where p = 1: see :mod:`.schedule`).
+
+With distillation on (:mod:`.distill`), the pre-hook also runs the predecessor alone on the batch (or finds its cached
+logits), and a forward hook adds the distillation terms to the model's loss.
 
 In eval mode the plan is the successor layers alone, so eval metrics measure the compressed model. With adapters
 disabled (or none left) it is the predecessor's layers. ``merge_and_unload()`` puts the successor layers in place of
@@ -15,17 +19,22 @@ the predecessor's and updates the config: the result is the compact model, same 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 import weakref
 
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
 from .._tuner import ModuleTuner
 from ..backbone import LAYER_COUNT_KEYS, LayerStack, UnsupportedModelError, inspect_backbone
-from . import routing
-from .schedule import draw_replacements, replacing_rate, split_into_modules
+from ..fidelity import layer_fidelity
+from . import distill, routing
+from .schedule import draw_replacements, replacing_rate, replacing_steps, split_into_modules
+from .start import most_faithful_layers
 
 # Config fields that hold one entry per layer and must be cut with the stack (Llama/Qwen/Mistral/Gemma `layer_types`).
 PER_LAYER_CONFIG_KEYS = ("layer_types",)
@@ -86,17 +95,53 @@ class TheseusModel(ModuleTuner):
                     f"of the predecessor's stack '{stack.path}': the successor must be smaller. Choose at most "
                     f"{stack.num_layers} (to compress one stack only, set `layers_path`)."
                 )
+        if config.distill_hidden_weight > 0 and len(stacks) > 1:
+            raise ValueError(
+                "distill_hidden_weight > 0 matches hidden states at the module boundaries of one compressed stack; "
+                f"this model has {len(stacks)} ({', '.join(stack.path for stack in stacks)}). Set "
+                "distill_hidden_weight=0 or compress one stack (layers_path)."
+            )
+        sources = self._successor_sources(model, config, stacks, module_ranges)
         successor_stacks = []
-        for stack, ranges in zip(stacks, module_ranges):
+        for stack, stack_sources in zip(stacks, sources):
             predecessor = routing.predecessor_layers(stack.layers)
-            successor_stacks.append(nn.ModuleList(_init_successor(predecessor, ranges, config.successor_init)))
+            successor_stacks.append(nn.ModuleList(_init_successor(predecessor, stack_sources)))
         config.predecessor_shape = _shape_record(stacks, module_ranges)
+        config.successor_sources = sources
         return TheseusSuccessor(successor_stacks, list(stacks), module_ranges)
+
+    def _successor_sources(
+        self, model: nn.Module, config, stacks: list[LayerStack], module_ranges: list[list[range]]
+    ) -> list[list[int]]:
+        """Per stack, the predecessor layer each successor layer starts as a copy of (see ``successor_init``)."""
+        init = config.successor_init
+        if getattr(config, "_theseus_loaded_from_checkpoint", False) and config.successor_sources:
+            return [list(stack_sources) for stack_sources in config.successor_sources]  # the weights load over them
+        if isinstance(init, list):
+            for stack in stacks:
+                out_of_range = [index for index in init if index >= stack.num_layers]
+                if out_of_range:
+                    raise ValueError(
+                        f"successor_init names layers {out_of_range}, but the predecessor's stack '{stack.path}' has "
+                        f"{stack.num_layers} layers (0 to {stack.num_layers - 1})."
+                    )
+            return [list(init) for _ in stacks]
+        if init == "one_per_module":
+            return [[module[-1] for module in ranges] for ranges in module_ranges]
+        if init == "fidelity":
+            with self._predecessor_only():
+                table = layer_fidelity(
+                    model, module_ranges, config.calibration_inputs, layers_path=[stack.path for stack in stacks]
+                )
+            return [most_faithful_layers(table, stack, ranges) for stack, ranges in zip(stacks, module_ranges)]
+        return [list(range(len(ranges))) for ranges in module_ranges]
 
     def _attach(self, model: nn.Module, adapter_name: str) -> None:
         state = self._routing_state()
         if not state["handles"]:
-            state["handles"].append(model.register_forward_pre_hook(self._before_model_forward))
+            state["handles"].append(model.register_forward_pre_hook(self._before_model_forward, with_kwargs=True))
+            # the distillation hook reads what the pre-hook gathered; the always-called one then clears it
+            state["handles"].append(model.register_forward_hook(self._add_distillation_terms))
             state["handles"].append(model.register_forward_hook(self._after_model_forward, always_call=True))
             optimizer_handle = register_optimizer_step_post_hook(_optimizer_hook(self))
             state["handles"].append(optimizer_handle)
@@ -112,16 +157,47 @@ class TheseusModel(ModuleTuner):
 
     def _routing_state(self) -> dict:
         # plain attribute, looked up in __dict__: BaseTuner forwards missing attributes to the base model
-        return self.__dict__.setdefault("_theseus_routing", {"stacks": {}, "handles": [], "grad_fallback": False})
+        return self.__dict__.setdefault(
+            "_theseus_routing",
+            {
+                "stacks": {},
+                "handles": [],
+                "grad_fallback": False,
+                "predecessor_only": False,
+                "distill": None,  # the pending distillation terms of the forward in progress
+                "teacher_logits": {},  # example key -> the predecessor's logits (see .distill)
+            },
+        )
+
+    @contextlib.contextmanager
+    def _predecessor_only(self):
+        """Every stack runs its predecessor layers for the duration, whatever adapter is active."""
+        state = self._routing_state()
+        previous = state["predecessor_only"]
+        state["predecessor_only"] = True
+        try:
+            yield
+        finally:
+            state["predecessor_only"] = previous
 
     # ------------------------------------------------------------------ forward
-    def _before_model_forward(self, model: nn.Module, args) -> None:
+    def _before_model_forward(self, model: nn.Module, args, kwargs) -> None:
         successor = self.active_adapter_module
-        if successor is None or not model.training:
+        state = self._routing_state()
+        if successor is None or not model.training or state["predecessor_only"]:
             return
         config = self.peft_config[self.active_adapter]
         rate = replacing_rate(config, int(successor.optimizer_steps))
-        flat_draws = draw_replacements(config.seed, int(successor.training_forwards), rate, successor.num_modules)
+        if rate < 1.0 and replacing_steps(config) is None:
+            _warn_once(successor, "no_phase_2", _NO_PHASE_2_WARNING)
+        if distill.is_active(config, rate):  # first: the predecessor's forward must not see this forward's draws
+            state["distill"] = self._gather_distillation(model, config, successor, args, kwargs)
+        if config.redraw_if_none_replaced:
+            flat_draws = draw_replacements(config.seed, int(successor.training_forwards), rate, successor.num_modules)
+        else:
+            flat_draws = draw_replacements(
+                config.seed, int(successor.training_forwards), rate, successor.num_modules, at_least_one=False
+            )
         successor.training_forwards += 1
         draws, start = [], 0
         for ranges in successor.modules_per_stack:
@@ -132,16 +208,88 @@ class TheseusModel(ModuleTuner):
             # No successor layer runs and nothing else trains: the loss would not require grad and backward would
             # fail. The compressed stacks' outputs are made to require grad instead (see _after_stack_hook); the
             # successor gets no gradient this step, like an unused parameter in the official code.
-            self._routing_state()["grad_fallback"] = True
+            state["grad_fallback"] = True
 
     def _after_model_forward(self, *_) -> None:
-        self._routing_state()["grad_fallback"] = False
+        state = self._routing_state()
+        if state["predecessor_only"]:  # the predecessor's own forward inside a training forward
+            return
+        state["grad_fallback"] = False
+        pending = state["distill"]
+        if pending is not None:
+            for handle in pending.handles:
+                handle.remove()
+        state["distill"] = None
+
+    # ------------------------------------------------------------------ distillation
+    def _gather_distillation(self, model: nn.Module, config, successor, args, kwargs) -> distill.PendingTerms:
+        """The predecessor's logits and boundary hidden states for this batch, and hooks recording the training
+        forward's own boundaries (see :mod:`.distill`)."""
+        cache = self._routing_state()["teacher_logits"]
+        wants_logits, wants_hidden = config.distill_logit_weight > 0, config.distill_hidden_weight > 0
+        keys = distill.example_keys(kwargs) if wants_logits and not wants_hidden else None
+        teacher_logits = teacher_boundaries = None
+        if keys is not None and all(key in cache for key in keys):
+            teacher_logits = torch.stack([cache[key] for key in keys])
+        if wants_hidden or (wants_logits and teacher_logits is None):
+            teacher_output, teacher_boundaries = self._predecessor_forward(
+                model, successor, args, kwargs, wants_hidden
+            )
+            teacher_logits = teacher_output.logits if wants_logits else None
+            if keys is not None and teacher_logits.dim() == 2:
+                cache.update(zip(keys, teacher_logits.detach()))
+        student_boundaries, handles = None, []
+        if wants_hidden:
+            layers = routing.predecessor_layers(model.get_submodule(successor.stack_paths[0]))
+            ends = distill.module_ends(layers, successor.modules_per_stack[0])
+            student_boundaries = [None] * len(ends)
+            handles = distill.record_outputs(
+                [[successor.stacks[0][index], end] for index, end in enumerate(ends)], student_boundaries
+            )
+        return distill.PendingTerms(
+            teacher_logits=teacher_logits,
+            teacher_boundaries=teacher_boundaries,
+            student_boundaries=student_boundaries,
+            handles=handles,
+            labels=kwargs.get("labels"),
+            attention_mask=kwargs.get("attention_mask"),
+            num_items_in_batch=kwargs.get("num_items_in_batch"),
+            shifts_labels=_loss_shifts_labels(model),
+        )
+
+    def _predecessor_forward(self, model: nn.Module, successor, args, kwargs, record_boundaries: bool):
+        """The predecessor alone (its layers and original head) on this batch: eval mode, no gradient."""
+        inputs = {name: value for name, value in kwargs.items() if name not in distill.LOSS_ONLY_INPUTS}
+        boundaries, handles = None, []
+        if record_boundaries:
+            layers = routing.predecessor_layers(model.get_submodule(successor.stack_paths[0]))
+            ends = distill.module_ends(layers, successor.modules_per_stack[0])
+            boundaries = [None] * len(ends)
+            handles = distill.record_outputs([[end] for end in ends], boundaries)
+        self.disable_adapter_layers()  # PEFT's modules_to_save heads give back the original head too
+        model.eval()
+        try:
+            with self._predecessor_only(), torch.no_grad():
+                output = model(*args, **inputs)
+        finally:
+            model.train()
+            self.enable_adapter_layers()
+            for handle in handles:
+                handle.remove()
+        return output, boundaries
+
+    def _add_distillation_terms(self, model: nn.Module, args, output):
+        state = self._routing_state()
+        pending = state["distill"]
+        if pending is None or state["predecessor_only"]:
+            return None
+        return distill.combine(self.peft_config[self.active_adapter], output, pending)
 
     def _plan(self, path: str, layers: routing.ReplaceableLayers) -> list[nn.Module]:
         """The blocks ``layers`` runs in this forward (see the module docstring)."""
         predecessor = routing.predecessor_layers(layers)
         successor = self.active_adapter_module
-        if successor is None or path not in successor.stack_paths:
+        if successor is None or path not in successor.stack_paths or self._routing_state()["predecessor_only"]:
             return predecessor
         stack_index = successor.stack_paths.index(path)
         successor_layers = list(successor.stacks[stack_index])
@@ -163,6 +311,10 @@ class TheseusModel(ModuleTuner):
         name = adapter_name or self.active_adapter
         successor = self.adapter_modules[name]
         return replacing_rate(self.peft_config[name], int(successor.optimizer_steps))
+
+    def replacing_steps(self, adapter_name: str | None = None) -> int | None:
+        """Optimizer steps of phase 1 of ``adapter_name`` (default: active), ``None`` while the end is unknown."""
+        return replacing_steps(self.peft_config[adapter_name or self.active_adapter])
 
     @property
     def current_draws(self) -> list[list[bool]] | None:
@@ -189,6 +341,19 @@ class TheseusModel(ModuleTuner):
         adapter_names: list[str] | None = None,
     ) -> nn.Module:
         successor = self._adapter_to_extract(adapter_names) if merge else None
+        if successor is not None:
+            name = next(name for name, module in self.adapter_modules.items() if module is successor)
+            steps, phase_1 = int(successor.optimizer_steps), replacing_steps(self.peft_config[name])
+            if steps > 0 and (phase_1 is None or steps <= phase_1):
+                warnings.warn(
+                    f"merge_and_unload(): the successor took {steps} optimizer steps, all in phase 1 (mixed with "
+                    "predecessor modules), and never trained alone, though it is what the compressed model runs. "
+                    "Give the run a phase 2: train with transformers.Trainer and TheseusCallback (it plans both "
+                    "phases from max_steps), or set TheseusConfig(total_steps=...) or steps_for_replacing below "
+                    "the steps you train.",
+                    UserWarning,
+                    stacklevel=3,
+                )
         self._detach()
         if successor is not None:
             for path, count_key, successor_layers in zip(
@@ -304,26 +469,47 @@ def _module_ranges(config, stacks: list[LayerStack]) -> list[list[range]]:
     return ranges_per_stack
 
 
-def _init_successor(predecessor: list[nn.Module], modules: list[range], init: str) -> list[nn.Module]:
-    """Deep copies of predecessor layers: layer i (``"first_layers"``) or module i's last layer (``"one_per_module"``).
+def _init_successor(predecessor: list[nn.Module], sources: list[int]) -> list[nn.Module]:
+    """Successor layer i: a deep copy of predecessor layer i carrying the weights of predecessor layer ``sources[i]``.
 
     Successor layer i is always *structurally* predecessor layer i, so it keeps what only some positions have (T5's
-    relative attention bias lives in block 0 alone); ``"one_per_module"`` then loads the weights of module i's last
-    layer over it.
+    relative attention bias lives in block 0 alone); the weights of another source layer load over it.
     """
     layers = []
-    for index, module in enumerate(modules):
+    for index, source_index in enumerate(sources):
         layer = copy.deepcopy(predecessor[index])
-        if init == "one_per_module" and module[-1] != index:
-            source = predecessor[module[-1]].state_dict()
-            result = layer.load_state_dict(source, strict=False)
+        if source_index != index:
+            result = layer.load_state_dict(predecessor[source_index].state_dict(), strict=False)
             if result.unexpected_keys:
                 raise UnsupportedModelError(
-                    f"Layer {module[-1]} has parameters layer {index} lacks ({result.unexpected_keys[:3]}); use "
-                    "successor_init='first_layers' for this model."
+                    f"Layer {source_index} has parameters layer {index} lacks ({result.unexpected_keys[:3]}), so "
+                    f"successor layer {index} cannot start from it; use successor_init='first_layers' or another "
+                    "layer for this model."
                 )
         layers.append(layer)
     return layers
+
+
+def _loss_shifts_labels(model: nn.Module) -> bool:
+    """Whether the model's loss is a causal-LM loss (the Trainer's rule for counting ``num_items_in_batch``)."""
+    loss_type = getattr(model, "loss_type", None)
+    is_causal = LOSS_MAPPING.get(loss_type) is ForCausalLMLoss
+    return is_causal and not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+
+
+_NO_PHASE_2_WARNING = (
+    "Theseus does not know when phase 1 ends: TheseusConfig has neither total_steps nor steps_for_replacing, and no "
+    "TheseusCallback set them from a Trainer. p stays at replacing_rate, so the successor never trains alone. Train "
+    "with transformers.Trainer and TheseusCallback, or set total_steps (the optimizer steps you plan) or "
+    "steps_for_replacing."
+)
+
+
+def _warn_once(successor: nn.Module, key: str, message: str) -> None:
+    warned = successor.__dict__.setdefault("_theseus_warned", set())
+    if key not in warned:
+        warned.add(key)
+        warnings.warn(message, UserWarning, stacklevel=2)
 
 
 def _follow_predecessor_flags(successor_layer: nn.Module, predecessor_layer: nn.Module, training: bool) -> None:
