@@ -39,6 +39,7 @@ SMOKE_RESULTS = Path("runs/results-smoke")
 FIELDS = {
     "description", "kind", "model", "init_from", "data", "method", "config", "learning_rate", "steps", "batch_size",
     "seeds", "training", "distill", "quantize", "deploy", "save_model", "compare_to", "models", "repeats", "seq_len",
+    "tokenizer",
 }  # fmt: skip
 DATA_DEFAULTS = {"dataset": "rotten_tomatoes", "max_length": 64, "train_examples": None, "eval_examples": None}
 # --smoke: the pipeline end to end in seconds; its results go to their own folder and mean nothing
@@ -82,28 +83,29 @@ def load_experiment(path: Path, overrides: dict) -> Experiment:
 
 
 def _apply_overrides(spec: dict, overrides: dict) -> None:
-    if overrides.get("smoke"):
-        if spec["kind"] == "latency":
-            spec.update(repeats=SMOKE["repeats"], batch_size=2, seq_len=16)
-            return
-        spec["steps"] = min(spec["steps"], SMOKE["steps"])
-        spec["batch_size"] = SMOKE["batch_size"]
-        spec["seeds"] = spec["seeds"][:1]
-        if isinstance(spec["learning_rate"], list):
-            spec["learning_rate"] = spec["learning_rate"][:1]
-        spec["data"].update(train_examples=SMOKE["train_examples"], eval_examples=SMOKE["eval_examples"])
-        spec["data"]["max_length"] = min(spec["data"]["max_length"], SMOKE["max_length"])
-        if "deploy" in spec:
-            spec["deploy"]["repeats"] = SMOKE["repeats"]
-    if spec["kind"] != "train":
+    """The command line's budget (``--steps``, ``--seeds``, ...), then ``--smoke``'s caps, which win over it."""
+    if spec["kind"] == "train":
+        if overrides.get("steps") is not None and spec["steps"] > 0:
+            spec["steps"] = overrides["steps"]
+        if overrides.get("seeds") is not None:
+            spec["seeds"] = list(overrides["seeds"])
+        for field in ("train_examples", "eval_examples"):
+            if overrides.get(field) is not None:
+                spec["data"][field] = overrides[field]
+    if not overrides.get("smoke"):
         return
-    if overrides.get("steps") is not None and spec["steps"] > 0:
-        spec["steps"] = overrides["steps"]
-    if overrides.get("seeds") is not None:
-        spec["seeds"] = list(overrides["seeds"])
-    for field in ("train_examples", "eval_examples"):
-        if overrides.get(field) is not None:
-            spec["data"][field] = overrides[field]
+    if spec["kind"] == "latency":
+        spec.update(repeats=SMOKE["repeats"], batch_size=2, seq_len=16)
+        return
+    spec["steps"] = min(spec["steps"], SMOKE["steps"])
+    spec["batch_size"] = SMOKE["batch_size"]
+    spec["seeds"] = spec["seeds"][:1]
+    if isinstance(spec["learning_rate"], list):
+        spec["learning_rate"] = spec["learning_rate"][:1]
+    spec["data"].update(train_examples=SMOKE["train_examples"], eval_examples=SMOKE["eval_examples"])
+    spec["data"]["max_length"] = min(spec["data"]["max_length"], SMOKE["max_length"])
+    if "deploy" in spec:
+        spec["deploy"]["repeats"] = SMOKE["repeats"]
 
 
 def select(names: list[str], overrides: dict) -> dict[str, list[Experiment]]:
@@ -124,24 +126,31 @@ def select(names: list[str], overrides: dict) -> dict[str, list[Experiment]]:
             raise SystemExit(f"no experiment or suite {name!r}; suites: {suites} (or SUITE/NAME, or a .json path)")
     selected = {}
     for folder, stems in chosen.items():
-        every = {path.stem: load_experiment(path, overrides) for path in sorted(Path(folder).glob("*.json"))}
-        selected[Path(folder).name] = _in_dependency_order(every, sorted(every) if stems is None else sorted(stems))
+        folder = Path(folder)
+        wanted = sorted(path.stem for path in folder.glob("*.json")) if stems is None else sorted(stems)
+        selected[folder.name] = _in_dependency_order(folder, wanted, overrides)
     return selected
 
 
-def _in_dependency_order(every: dict[str, Experiment], wanted: list[str]) -> list[Experiment]:
-    """``wanted`` and what they depend on, each after its dependencies; a missing or circular one is an error."""
+def _in_dependency_order(folder: Path, wanted: list[str], overrides: dict) -> list[Experiment]:
+    """``wanted`` and what they depend on, each after its dependencies; a missing or circular one is an error.
+
+    Only the files needed are read, so an experiment file may sit in any folder beside others.
+    """
+    loaded: dict[str, Experiment] = {}
     ordered: list[Experiment] = []
 
     def visit(stem: str, trail: tuple[str, ...]) -> None:
-        if stem not in every:
-            raise ValueError(f"{' -> '.join(trail)} depends on {stem!r}, which is not in the suite")
         if stem in trail:
             raise ValueError(f"circular dependency {' -> '.join((*trail, stem))}")
-        if every[stem] not in ordered:
-            for dependency in _dependencies(every[stem].spec):
+        if stem not in loaded:
+            if not (folder / f"{stem}.json").is_file():
+                raise ValueError(f"{' -> '.join(trail)} depends on {stem!r}, which is not in {folder}")
+            loaded[stem] = load_experiment(folder / f"{stem}.json", overrides)
+        if loaded[stem] not in ordered:
+            for dependency in _dependencies(loaded[stem].spec):
                 visit(dependency, (*trail, stem))
-            ordered.append(every[stem])
+            ordered.append(loaded[stem])
 
     for stem in wanted:
         visit(stem, ())
@@ -181,18 +190,23 @@ class Runner:
     def experiment(self, suite: str, name: str) -> Experiment:
         return self.experiments[f"{suite}/{name}"]
 
-    def base_model(self, spec: dict) -> str:
-        if spec["model"] == "minilm":
+    def resolve(self, model: str) -> str:
+        """Where a declared model loads from: ``minilm`` and ``smollm2`` are the offline assets."""
+        if model == "minilm":
             return str(self.model_dir) if self.model_dir else assets.install_minilm()
-        if spec["model"] == "smollm2":
+        if model == "smollm2":
             return str(assets.smollm2_path())
-        return spec["model"]  # a Hub id or a local checkpoint
+        return model  # a Hub id or a local checkpoint
+
+    def base_model(self, spec: dict) -> str:
+        return self.resolve(spec["model"])
 
     def splits(self, spec: dict) -> data.Splits:
         settings = spec["data"]
-        key = (self.base_model(spec), *sorted(settings.items()))
+        tokenizer_source = self.resolve(spec.get("tokenizer", spec["model"]))
+        key = (tokenizer_source, *sorted(settings.items()))
         if key not in self._data:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(self.base_model(spec))
+            tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_source)
             self._data[key] = data.load(tokenizer=tokenizer, splits_json=self.data_json, **settings)
         return self._data[key]
 

@@ -243,7 +243,8 @@ def estimate_memory(
         model: a local checkpoint directory, a ``config.json`` file, a Hub model id, or a ``PretrainedConfig``.
         method: ``"lst"`` (``LadderSideConfig`` defaults), ``"lora"`` (``LoraConfig`` defaults), ``"full"``
             (every weight trains), a PEFT config (its ``task_type`` is filled in when unset), or a callable that
-            turns the freshly built model into the trainable one.
+            turns the freshly built model into the trainable one (it runs on the meta device: parameters it creates
+            are empty, and nothing may read a weight's value).
         batch_size: sequences per step.
         seq_len: tokens per sequence (every token labelled, no padding).
         dtype: the dtype the model is loaded in (``"bf16"``, ``torch.float32``, ...); default: the dtype the
@@ -272,8 +273,11 @@ def estimate_memory(
         auto_class, task_type = transformers.AutoModelForCausalLM, TaskType.CAUSAL_LM
     with torch.device("meta"):
         built = auto_class.from_config(config, dtype=dtype, attn_implementation=FUSED_ATTENTION)
-    # Methods may create their new modules on the default device; only shapes and dtypes matter here.
-    built = _apply_method(built, method, task_type).to("meta")
+    # New modules (adapters, side networks) are built on the meta device too: only shapes and dtypes matter, and an
+    # initialisation that reads the backbone's values (LST's pruning) is skipped on empty weights.
+    with torch.device("meta"):
+        built = _apply_method(built, method, task_type)
+    built = built.to("meta")
     built.train()
     with torch.device("meta"):
         input_ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
