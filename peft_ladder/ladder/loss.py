@@ -20,7 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .._tuner import is_dtensor, is_fsdp_module
+try:  # FSDP2 types; a torch built without distributed has neither, and nothing is ever sharded
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+except ImportError:
+    FSDPModule = DTensor = ()
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 1024
@@ -84,7 +88,7 @@ def _without_fsdp_hooks(head: Callable[[torch.Tensor], torch.Tensor]) -> Callabl
     forward to backward (the root unit, or ``reshard_after_forward=False``), because the model has just run the
     head; the head is then used without its hooks. A sharded head is called as a module, so that FSDP gathers it.
     """
-    if isinstance(head, nn.Linear) and is_fsdp_module(head) and not is_dtensor(head.weight):
+    if isinstance(head, nn.Linear) and isinstance(head, FSDPModule) and not isinstance(head.weight, DTensor):
         weight, bias = head.weight, head.bias
         return lambda chunk: F.linear(chunk, weight, bias)
     return head

@@ -51,7 +51,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .._tuner import is_dtensor, is_fsdp_module
+try:  # FSDP2 types; a torch built without distributed has neither, and nothing is ever sharded
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+except ImportError:
+    FSDPModule = DTensor = ()
+
 from .loss import chunked_causal_lm_loss
 from .side_network import LadderSideNetwork, SideInputs, SideRotary, first_output
 
@@ -205,7 +210,7 @@ def check_gathered(stack: nn.Module, body: nn.Module) -> None:
     that unit is a module whose forward never runs (the side network as a whole).
     """
     weight = stack.stream_down.weight
-    if not is_dtensor(weight) or is_fsdp_module(stack) or is_fsdp_module(stack.stream_down):
+    if not isinstance(weight, DTensor) or isinstance(stack, FSDPModule) or isinstance(stack.stream_down, FSDPModule):
         return
     raise RuntimeError(
         f"The Ladder side network's weights are still FSDP shards when {type(body).__name__} runs: the model was run "
