@@ -20,7 +20,6 @@ the predecessor's and updates the config: the result is the compact model, same 
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 import weakref
 
@@ -30,16 +29,15 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
 from .._tuner import ModuleTuner
-from ..backbone import LAYER_COUNT_KEYS, LayerStack, UnsupportedModelError, inspect_backbone
+from ..backbone import LAYER_COUNT_KEYS, LayerStack, inspect_backbone
 from ..fidelity import layer_fidelity
-from . import distill, routing
-from .schedule import draw_replacements, replacing_rate, replacing_steps, split_into_modules
+from . import distill, hooks, routing
+from . import successor as successor_build
+from .schedule import draw_replacements, replacing_rate, replacing_steps
 from .start import most_faithful_layers
 
 # Config fields that hold one entry per layer and must be cut with the stack (Llama/Qwen/Mistral/Gemma `layer_types`).
 PER_LAYER_CONFIG_KEYS = ("layer_types",)
-# Flags transformers sets on every block to turn on gradient checkpointing; the successor layers copy them.
-CHECKPOINTING_ATTRIBUTES = ("gradient_checkpointing", "_gradient_checkpointing_func")
 
 
 class TheseusSuccessor(nn.Module):
@@ -87,7 +85,9 @@ class TheseusModel(ModuleTuner):
     # ------------------------------------------------------------------ building
     def _build_adapter_module(self, model: nn.Module, config, adapter_name: str) -> TheseusSuccessor:
         stacks = inspect_backbone(model, layers_path=config.layers_path).stacks
-        module_ranges = _module_ranges(config, stacks)  # a loaded adapter meets the predecessor it was trained on
+        module_ranges = successor_build.module_ranges(
+            config, stacks
+        )  # a loaded adapter meets the predecessor it was trained on
         for stack in stacks:
             if config.num_successor_layers > stack.num_layers:
                 raise ValueError(
@@ -105,8 +105,8 @@ class TheseusModel(ModuleTuner):
         successor_stacks = []
         for stack, stack_sources in zip(stacks, sources):
             predecessor = routing.predecessor_layers(stack.layers)
-            successor_stacks.append(nn.ModuleList(_init_successor(predecessor, stack_sources)))
-        config.predecessor_shape = _shape_record(stacks, module_ranges)
+            successor_stacks.append(nn.ModuleList(successor_build.init_successor(predecessor, stack_sources)))
+        config.predecessor_shape = successor_build.shape_record(stacks, module_ranges)
         config.successor_sources = sources
         return TheseusSuccessor(successor_stacks, list(stacks), module_ranges)
 
@@ -143,7 +143,7 @@ class TheseusModel(ModuleTuner):
             # the distillation hook reads what the pre-hook gathered; the always-called one then clears it
             state["handles"].append(model.register_forward_hook(self._add_distillation_terms))
             state["handles"].append(model.register_forward_hook(self._after_model_forward, always_call=True))
-            optimizer_handle = register_optimizer_step_post_hook(_optimizer_hook(self))
+            optimizer_handle = register_optimizer_step_post_hook(hooks.optimizer_hook(self))
             state["handles"].append(optimizer_handle)
             weakref.finalize(self, optimizer_handle.remove)  # a model dropped without unload() leaves no global hook
         for path in self.adapter_modules[adapter_name].stack_paths:
@@ -152,8 +152,10 @@ class TheseusModel(ModuleTuner):
             layers = model.get_submodule(path)
             owner = model.get_submodule(path.rpartition(".")[0])
             state["stacks"][path] = routing.make_replaceable(layers)
-            state["handles"].append(owner.register_forward_pre_hook(_stack_hook(self, path, layers)))
-            state["handles"].append(owner.register_forward_hook(_after_stack_hook(self, layers), always_call=True))
+            state["handles"].append(owner.register_forward_pre_hook(hooks.stack_hook(self, path, layers)))
+            state["handles"].append(
+                owner.register_forward_hook(hooks.after_stack_hook(self, layers), always_call=True)
+            )
 
     def _routing_state(self) -> dict:
         # plain attribute, looked up in __dict__: BaseTuner forwards missing attributes to the base model
@@ -294,7 +296,7 @@ class TheseusModel(ModuleTuner):
         stack_index = successor.stack_paths.index(path)
         successor_layers = list(successor.stacks[stack_index])
         for position, layer in enumerate(successor_layers):
-            _follow_predecessor_flags(layer, predecessor[position], layers.training)
+            hooks.follow_predecessor_flags(layer, predecessor[position], layers.training)
         if not layers.training or successor.current_draws is None:
             return successor_layers
         plan = []
@@ -417,79 +419,6 @@ class TheseusModel(ModuleTuner):
                     setattr(stack_config, real_key, new_depth)
 
 
-def _shape_record(stacks: list[LayerStack], module_ranges: list[list[range]]) -> dict:
-    return {
-        "stacks": [
-            {"path": stack.path, "num_layers": stack.num_layers, "module_sizes": [len(module) for module in ranges]}
-            for stack, ranges in zip(stacks, module_ranges)
-        ]
-    }
-
-
-def _describe_stacks(stacks: list[tuple[str, int]]) -> str:
-    return ", ".join(f"'{path}' with {depth} layers" for path, depth in stacks)
-
-
-def _module_ranges(config, stacks: list[LayerStack]) -> list[list[range]]:
-    """Per stack, the predecessor layers of each module.
-
-    A new adapter splits each stack evenly (:func:`~.schedule.split_into_modules`). An adapter read from a saved
-    config that records ``predecessor_shape`` must meet the stacks it was trained on, and keeps their grouping.
-    """
-    recorded = config.predecessor_shape
-    if not recorded or not getattr(config, "_theseus_loaded_from_checkpoint", False):
-        return [split_into_modules(stack.num_layers, config.num_successor_layers) for stack in stacks]
-    try:
-        saved = [(entry["path"], entry["num_layers"], list(entry["module_sizes"])) for entry in recorded["stacks"]]
-    except (KeyError, TypeError) as error:
-        raise ValueError(
-            f"The saved predecessor_shape {recorded!r} is malformed (no {error}): expected "
-            '{"stacks": [{"path": ..., "num_layers": ..., "module_sizes": [...]}, ...]}. Restore it, or remove it '
-            "from adapter_config.json to skip the check."
-        ) from None
-    trained_on = [(path, depth) for path, depth, _ in saved]
-    current = [(stack.path, stack.num_layers) for stack in stacks]
-    if trained_on != current:
-        groups = "; ".join(f"'{path}' in modules of {sizes}" for path, _, sizes in saved)
-        raise ValueError(
-            f"This Theseus adapter was created on a predecessor with {_describe_stacks(trained_on)} (grouped "
-            f"{groups}), but this model has {_describe_stacks(current)}: its successor layers would replace other "
-            "groups of layers than in training. Load it onto the model it was created from."
-        )
-    ranges_per_stack = []
-    for path, depth, sizes in saved:
-        if len(sizes) != config.num_successor_layers or sum(sizes) != depth or min(sizes, default=0) < 1:
-            raise ValueError(
-                f"The saved predecessor_shape groups the {depth} layers of '{path}' into modules of {sizes}, which "
-                f"does not fit num_successor_layers={config.num_successor_layers}. Restore the saved config, or "
-                "remove predecessor_shape from adapter_config.json to group the layers evenly."
-            )
-        starts = [sum(sizes[:index]) for index in range(len(sizes))]
-        ranges_per_stack.append([range(start, start + size) for start, size in zip(starts, sizes)])
-    return ranges_per_stack
-
-
-def _init_successor(predecessor: list[nn.Module], sources: list[int]) -> list[nn.Module]:
-    """Successor layer i: a deep copy of predecessor layer i carrying the weights of predecessor layer ``sources[i]``.
-
-    Successor layer i is always *structurally* predecessor layer i, so it keeps what only some positions have (T5's
-    relative attention bias lives in block 0 alone); the weights of another source layer load over it.
-    """
-    layers = []
-    for index, source_index in enumerate(sources):
-        layer = copy.deepcopy(predecessor[index])
-        if source_index != index:
-            result = layer.load_state_dict(predecessor[source_index].state_dict(), strict=False)
-            if result.unexpected_keys:
-                raise UnsupportedModelError(
-                    f"Layer {source_index} has parameters layer {index} lacks ({result.unexpected_keys[:3]}), so "
-                    f"successor layer {index} cannot start from it; use successor_init='first_layers' or another "
-                    "layer for this model."
-                )
-        layers.append(layer)
-    return layers
-
-
 def _loss_shifts_labels(model: nn.Module) -> bool:
     """Whether the model's loss is a causal-LM loss (the Trainer's rule for counting ``num_items_in_batch``)."""
     loss_type = getattr(model, "loss_type", None)
@@ -510,82 +439,3 @@ def _warn_once(successor: nn.Module, key: str, message: str) -> None:
     if key not in warned:
         warned.add(key)
         warnings.warn(message, UserWarning, stacklevel=2)
-
-
-def _follow_predecessor_flags(successor_layer: nn.Module, predecessor_layer: nn.Module, training: bool) -> None:
-    """Keep train/eval mode and gradient checkpointing of a successor layer in step with the model's own layers.
-
-    The successor layers live on the tuner, outside the base model, so ``base_model.eval()`` or
-    ``gradient_checkpointing_enable()`` called on the base model alone does not reach them.
-    """
-    if successor_layer.training != training:
-        successor_layer.train(training)
-    for attribute in CHECKPOINTING_ATTRIBUTES:
-        if attribute in predecessor_layer.__dict__:
-            setattr(successor_layer, attribute, predecessor_layer.__dict__[attribute])
-
-
-def _stack_hook(tuner: TheseusModel, path: str, layers: routing.ReplaceableLayers):
-    tuner_ref = weakref.ref(tuner)
-
-    def before_stack_forward(module, args):
-        tuner = tuner_ref()
-        plan = tuner._plan(path, layers) if tuner is not None else None
-        routing.set_plan(layers, plan)
-        successor = tuner.active_adapter_module if tuner is not None else None
-        if plan is not None and successor is not None and path in successor.stack_paths:
-            successor_layers = list(successor.stacks[successor.stack_paths.index(path)])
-            routing.follow_layer_kinds(layers, plan, successor_layers, getattr(module, "config", None))
-
-    return before_stack_forward
-
-
-def _optimizer_hook(tuner: TheseusModel):
-    # A weak reference: the global hook must not keep a deleted model alive.
-    tuner_ref = weakref.ref(tuner)
-
-    def after_optimizer_step(optimizer, args, kwargs):
-        tuner = tuner_ref()
-        if tuner is not None:
-            tuner._count_optimizer_step(optimizer)
-
-    return after_optimizer_step
-
-
-def _after_stack_hook(tuner: TheseusModel, layers: routing.ReplaceableLayers):
-    tuner_ref = weakref.ref(tuner)
-
-    def after_stack_forward(module, args, output):
-        routing.restore_layer_kinds(layers)
-        routing.set_plan(layers, None)
-        tuner = tuner_ref()
-        if tuner is not None and tuner._routing_state()["grad_fallback"]:
-            return _output_requiring_grad(output)
-        return None
-
-    return after_stack_forward
-
-
-def _output_requiring_grad(output):
-    """``output`` of a stack's owner with its hidden states (the first tensor) made to require grad, or ``None``.
-
-    The hook sits on the module that runs the compressed layer list, so it fires whatever the family's embeddings
-    are (T5 and BART stacks call their own ``embed_tokens``, not ``get_input_embeddings()``), when the caller passes
-    ``inputs_embeds``, and outside any gradient-checkpointed block. The hidden states are a fresh leaf (nothing that
-    requires grad produced them); the clone keeps later in-place operations legal.
-    """
-    if isinstance(output, torch.Tensor):
-        hidden = output
-    elif isinstance(output, (tuple, list, dict)) and len(output) > 0:
-        hidden = output[next(iter(output))] if isinstance(output, dict) else output[0]
-    else:
-        return None
-    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.requires_grad:
-        return None
-    hidden = hidden.detach().requires_grad_(True).clone()
-    if isinstance(output, torch.Tensor):
-        return hidden
-    if isinstance(output, dict):  # transformers' ModelOutput keeps its attributes in step with its items
-        output[next(iter(output))] = hidden
-        return output
-    return type(output)([hidden, *output[1:]]) if isinstance(output, list) else (hidden, *output[1:])
