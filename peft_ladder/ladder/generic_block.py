@@ -34,15 +34,22 @@ class GenericPreNormBlock(nn.Module):
         q, k, v = (t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if isinstance(cache, EncoderDecoderCache):
             cache = cache.self_attention_cache
+        held = length
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+            held = cache.get_seq_length(self.layer_idx)  # a static layer's counter tensor: read after the update
+        # Key slot j holds position j. A static cache's buffer is longer than what it holds: slots from `held` on are
+        # empty and must not be attended to.
         keys = k.shape[2]
-        mask = torch.ones(length, keys, dtype=torch.bool, device=q.device)
+        key_positions = torch.arange(keys, device=q.device)
+        mask = (key_positions < held)[None, :]
         if self.causal:
-            mask = torch.ones(length, keys, dtype=torch.bool, device=q.device).tril(diagonal=keys - length)
+            query_positions = held - length + torch.arange(length, device=q.device)
+            mask = mask & (key_positions[None, :] <= query_positions[:, None])
         mask = mask[None, None]
-        if padding_mask is not None:
-            mask = mask & padding_mask[:, None, None, -keys:].bool()
+        if padding_mask is not None:  # column j of the 2-D mask is position j
+            padding = padding_mask[:, :keys].bool()
+            mask = mask & F.pad(padding, (0, keys - padding.shape[-1]), value=False)[:, None, None, :]
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         attended = attended.transpose(1, 2).reshape(batch, length, width)
         hidden_states = hidden_states + self.attention_out(attended)

@@ -147,7 +147,9 @@ class SideStack(nn.Module):
                 side block k gets the same ones, at side width (:func:`side_block_kwargs`).
             side_inputs: the side-width replacements, computed once for the stack.
         """
-        reserve_side_slots(find_cache(layer_calls[0]), self.backbone_depth, self.tapped_layers)
+        reserve_side_slots(
+            find_cache(layer_calls[0]), self.backbone_depth, self.tapped_layers, full_attention=self.generic_blocks
+        )
         hidden = self.dropout(self.stream_down(stream_input))
         mu = self.gates().to(hidden.dtype)
         for k, (ladder, block) in enumerate(zip(self.ladders, self.blocks)):
@@ -286,10 +288,16 @@ class UnsupportedCacheError(TypeError):
     """A cache type whose layer slots we cannot extend for the side network."""
 
 
-def reserve_side_slots(cache: Cache | None, first_slot: int, mirrored_layers: list[int]) -> None:
+def reserve_side_slots(
+    cache: Cache | None, first_slot: int, mirrored_layers: list[int], full_attention: bool = False
+) -> None:
     """Make sure ``cache`` has layer slots ``first_slot + k`` for the side blocks, each of the kind of the backbone
     slot ``mirrored_layers[k]`` it sits beside (a sliding-window layer beside a sliding-window layer, so that the
     backbone's attention mask for that layer fits the side block's keys too).
+
+    Generic side blocks (``full_attention=True``) attend over every earlier key whatever the layer beside them does,
+    as they do without a cache, so their slots are of the full-attention kind: a window slot would drop the keys
+    they still attend to.
 
     The slots are appended when the side network first runs on a cache; the backbone never reads beyond its own.
     """
@@ -304,7 +312,7 @@ def reserve_side_slots(cache: Cache | None, first_slot: int, mirrored_layers: li
         while len(part.layers) < first_slot + len(mirrored_layers):
             slot = len(part.layers)
             source = mirrored_layers[slot - first_slot] if slot >= first_slot else 0
-            part.layers.append(_new_layer_like(part, source))
+            part.layers.append(_new_layer_like(part, source, full_attention))
 
 
 # A fresh, empty layer of the same kind as a backbone layer, for the cache layer types generation uses. Exact types:
@@ -320,10 +328,21 @@ _FRESH_LAYER = {
 }
 
 
-def _new_layer_like(cache: Cache, source: int):
+def _new_layer_like(cache: Cache, source: int, full_attention: bool = False):
     if cache.layer_class_to_replicate is not None:
         return cache.layer_class_to_replicate()
     template = cache.layers[source] if source < len(cache.layers) else (cache.layers[0] if cache.layers else None)
+    if full_attention and isinstance(template, DynamicSlidingWindowLayer):
+        return DynamicLayer()
+    if full_attention and isinstance(template, StaticSlidingWindowLayer):
+        # its max_cache_len is the window; a full slot needs the cache's length, which only full layers keep
+        template = next((layer for layer in cache.layers if type(layer) is StaticLayer), None)
+        if template is None:
+            raise UnsupportedCacheError(
+                "Generic side blocks need full-attention cache slots, but every layer of this StaticCache is a "
+                "sliding-window layer, which does not record the cache length. Generate with the default "
+                "DynamicCache (pass no cache)."
+            )
     fresh = _FRESH_LAYER.get(type(template))
     if fresh is None:
         raise UnsupportedCacheError(

@@ -11,6 +11,7 @@ from peft import get_peft_model
 from transformers import DynamicCache
 
 from peft_ladder import LadderSideConfig
+from peft_ladder.ladder.side_network import UnsupportedCacheError
 
 CASES = {
     "llama": (transformers.AutoModelForCausalLM, "CAUSAL_LM"),
@@ -145,6 +146,66 @@ def test_generation_past_the_sliding_window_matches_uncached(sliding_window_mist
             base = sliding_window_mistral.generate(input_ids=prompt, **settings, use_cache=False)
     assert torch.equal(cached, uncached)
     assert not torch.equal(uncached, base)
+
+
+def _generic_side_network(model):
+    peft_model = get_peft_model(model, LadderSideConfig(task_type="CAUSAL_LM", side_block="generic")).eval()
+    with torch.no_grad():
+        for param in peft_model.base_model.side_network.parameters():
+            param.add_(0.05 * torch.randn_like(param, generator=torch.Generator().manual_seed(0)))
+    return peft_model
+
+
+GEMMA2_WINDOW_AND_FULL = dict(
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=128,
+    head_dim=16,
+    sliding_window=8,
+    pad_token_id=0,
+)
+
+
+@pytest.mark.parametrize(
+    ("family", "cache"),
+    [
+        ("mistral", {}),
+        ("gemma2", {}),
+        ("gemma2", {"cache_implementation": "static"}),
+        ("llama", {"cache_implementation": "static"}),
+    ],
+    ids=["mistral-dynamic", "gemma2-dynamic", "gemma2-static", "llama-static"],
+)
+def test_generic_side_blocks_generate_like_uncached(family, cache):
+    """Generic blocks attend over every earlier key, with or without a cache: their slots are full-attention ones,
+    even beside window layers (a window slot would drop keys they attend to without a cache), and in a static cache
+    they attend only to the slots written so far."""
+    torch.manual_seed(0)
+    if family == "mistral":
+        model = tiny_model("mistral", transformers.AutoModelForCausalLM, sliding_window=8)
+    elif family == "llama":
+        model = tiny_model("llama", transformers.AutoModelForCausalLM)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(transformers.Gemma2Config(**GEMMA2_WINDOW_AND_FULL))
+    peft_model = _generic_side_network(model)
+    prompt = torch.randint(4, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    settings = {"max_new_tokens": 15, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        cached = peft_model.generate(input_ids=prompt, **settings, **cache)
+        sequences = cached.sequences
+        uncached = peft_model(input_ids=sequences, use_cache=False).logits[:, prompt.shape[1] - 1 : -1]
+    torch.testing.assert_close(torch.stack(cached.logits, dim=1), uncached, atol=1e-5, rtol=0)
+
+
+def test_generic_side_blocks_refuse_a_static_cache_of_window_layers_only():
+    torch.manual_seed(0)
+    peft_model = _generic_side_network(tiny_model("mistral", transformers.AutoModelForCausalLM, sliding_window=8))
+    prompt = torch.randint(4, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(UnsupportedCacheError, match="every layer of this StaticCache is a sliding-window layer"):
+        peft_model.generate(input_ids=prompt, max_new_tokens=3, cache_implementation="static")
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
