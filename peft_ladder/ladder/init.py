@@ -135,14 +135,15 @@ def pruned_init_(
         )
         if pruning_strategy == "residual" and not stack.generic_blocks:
             try:
-                _prune_stack_(plan, stack, steps, embeddings, score, layout, residual, ladder_init)
+                rotary = side_network.rotary(plan.index)
+                _prune_stack_(plan, stack, steps, embeddings, score, layout, residual, ladder_init, rotary)
                 continue
             except NotHeadPrunable:  # e.g. GPT-NeoX's interleaved fused QKV: the chain reads any layout
                 pass
         _prune_stack_(plan, stack, steps, embeddings, score, None, None, ladder_init)
 
 
-def _prune_stack_(plan, stack, steps, embeddings, score, layout, residual, ladder_init) -> None:
+def _prune_stack_(plan, stack, steps, embeddings, score, layout, residual, ladder_init, rotary=None) -> None:
     d, d_side = stack.stream_down.in_features, stack.stream_down.out_features
     chain = Chain(residual, d)
     if residual is None:
@@ -155,7 +156,8 @@ def _prune_stack_(plan, stack, steps, embeddings, score, layout, residual, ladde
     if layout is not None and stack.rotary_dims is not None:
         pairs = pruning.rotary_pairs([plan.layers[i] for i in stack.tapped_layers], layout, score)
         head_dims = pruning.rotary_dims(pairs, layout.head_dim)
-        stack.rotary_dims.copy_(head_dims)
+        if rotary is not None and rotary.backbone_rotates_halves(layout.head_dim, stack.stream_down.weight):
+            stack.rotary_dims.copy_(head_dims)
     _start_(stack.stream_down, stream_choice, ladder_init)
     stack.pruned_dims = []  # per block, the stream dimensions it reads and writes (for peft_ladder.init_fidelity)
     for k, layer_index in enumerate(stack.tapped_layers):

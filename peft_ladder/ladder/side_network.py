@@ -193,6 +193,24 @@ class SideRotary:
         self.backbone_module = backbone_module  # the model's own; not part of the side network
         self.block_layer_types = block_layer_types  # None: one table for every layer
 
+    def backbone_rotates_halves(self, head_dim: int, reference: torch.Tensor) -> bool:
+        """Whether the backbone's table is (cos, sin) over the whole head dim in the rotate-half layout (its two
+        halves repeat), the only one whose whole rotary pairs (i, i + head_dim / 2) pruning can keep.
+
+        Partial rotary (GLM-4, GPT-NeoX), half-width tables (GPT-OSS), interleaved pairs (Cohere) and complex
+        frequencies (Llama 4) are not: their side blocks use the family's rotary at the side head dim.
+        """
+        positions = torch.arange(4, device=reference.device).unsqueeze(0)
+        for kind in set(self.block_layer_types or [None]):
+            module = self.backbone_module
+            table = module(reference, positions) if kind is None else module(reference, positions, kind)
+            if not (isinstance(table, tuple) and len(table) == 2 and table[0].shape[-1] == head_dim):
+                return False
+            half = head_dim // 2
+            if not all(torch.equal(part[..., :half], part[..., half:]) for part in table):
+                return False
+        return True
+
     def __call__(self, reference: torch.Tensor, position_ids: torch.Tensor, num_blocks: int, dims=None) -> list:
         module = self.module if dims is None else self.backbone_module
         kinds = self.block_layer_types or [None] * num_blocks

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import torch
 import transformers
 from conftest import tiny_model
@@ -74,3 +77,41 @@ def test_the_official_chain_and_random_ladders_remain_selectable():
     assert 0.005 < chain.ladders[0].weight.std().item() < 0.015 and not chain.ladders[0].bias.any()
     reads = [dims[0] for dims in chain.pruned_dims]
     assert not all(torch.equal(reads[0], r) for r in reads[1:])  # every block reads another choice
+
+
+DECODER = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=128,
+    pad_token_id=0,
+)
+
+
+# Rotary tables other than rotate-half over the whole head dim: partial (GLM-4: the first half of each head), half
+# width (GPT-OSS: cos/sin of head_dim / 2) and interleaved pairs (Cohere 2: (2i, 2i + 1)).
+OTHER_ROTARY_LAYOUTS = {
+    "glm4": lambda: transformers.Glm4Config(**DECODER, head_dim=16),
+    "gpt_oss": lambda: transformers.GptOssConfig(**DECODER, head_dim=16, num_local_experts=4, num_experts_per_tok=2),
+    "cohere2": lambda: transformers.Cohere2Config(**DECODER),
+}
+
+
+@pytest.mark.parametrize("family", sorted(OTHER_ROTARY_LAYOUTS))
+def test_other_rotary_layouts_keep_the_familys_block_and_its_own_side_rotary(family):
+    """Only rotate-half tables over the whole head have pairs (i, i + head_dim / 2); reading kept dimensions out of
+    another layout indexed past a narrower table (and fell back to the generic block) or took the wrong frequencies."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(OTHER_ROTARY_LAYOUTS[family]()).eval()
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback to the generic block
+        peft_model = get_peft_model(model, LadderSideConfig(task_type="CAUSAL_LM", reduction_factor=4)).eval()
+    stack = peft_model.base_model.side_network.stacks[0]
+    assert type(stack.blocks[0]) is type(model.model.layers[0])
+    assert bool((stack.rotary_dims == -1).all())  # the family's rotary at the side head dim
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        assert torch.equal(peft_model(input_ids=ids).logits, base)
