@@ -77,6 +77,11 @@ def plan_stacks(model: nn.Module, info: BackboneInfo) -> list[StackPlan]:
     return plans
 
 
+# Config lists with one entry per layer, read by a block's constructor at its layer index: the attention kind (Gemma,
+# Mistral, Qwen...), and whether the layer rotates at all (SmolLM3, Llama 4).
+PER_LAYER_CONFIG_LISTS = ("layer_types", "no_rope_layers")
+
+
 def build_side_network(
     model: nn.Module, config, info: BackboneInfo, plans: list[StackPlan], tapped: list[list[int]], side_block: str
 ) -> LadderSideNetwork:
@@ -96,10 +101,10 @@ def build_side_network(
         )
         side_config = reduced_config(base_config, info, shape, attention_dropout=config.side_attention_dropout)
         depth = len(plan.layers)
-        if isinstance(getattr(side_config, "layer_types", None), list):  # slots L + k follow layer i's type
-            side_config.layer_types = list(side_config.layer_types) + [
-                side_config.layer_types[i] for i in layer_indices
-            ]
+        for key in PER_LAYER_CONFIG_LISTS:  # side block k owns slot L + k and is of the kind of layer i beside it
+            values = getattr(side_config, key, None)
+            if isinstance(values, list) and len(values) == depth:
+                setattr(side_config, key, values + [values[i] for i in layer_indices])
         blocks, generic = _build_blocks(plan, side_config, shape, layer_indices, depth, side_block)
         rel = None
         if plan.rel_embeddings_owner is not None:

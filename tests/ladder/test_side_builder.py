@@ -3,6 +3,8 @@ refused before the model changes."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -70,3 +72,28 @@ def test_non_finite_side_weights_are_refused_before_the_model_changes(monkeypatc
     assert "forward" not in model.model.__dict__  # no router installed
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) and p.requires_grad
+
+
+def test_per_layer_config_lists_reach_the_side_blocks_own_slots():
+    """Side block k owns slot L + k; a block reading a per-layer list at its index (SmolLM3's no_rope_layers) sees
+    the entry of the backbone layer it sits beside, and the family's own block is built, no generic fallback."""
+    config = transformers.SmolLM3Config(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    assert config.no_rope_layers == [1, 1, 1, 0]  # the 4th layer does not rotate
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        peft_model = get_peft_model(model, LadderSideConfig(task_type="CAUSAL_LM", reduction_factor=4))
+    blocks = peft_model.base_model.side_network.stacks[0].blocks
+    assert all(type(block) is type(model.model.layers[0]) for block in blocks)
+    assert [block.self_attn.use_rope for block in blocks] == [layer.self_attn.use_rope for layer in model.model.layers]
