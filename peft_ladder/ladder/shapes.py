@@ -2,7 +2,7 @@
 
 Side blocks are instances of the backbone's own block class, built from a copy of the backbone's config in which:
 
-* the hidden size and the intermediate (feed-forward) size are divided by r;
+* the hidden size and the intermediate (feed-forward) size are divided by r, the experts' too;
 * the attention head counts are kept and the head dim is divided by r, as in the official code;
 * **fallback rule**: if head_dim / r would fall below :data:`MIN_SIDE_HEAD_DIM` (4), or would be odd in a family with
   rotary position embeddings (rotary rotates pairs of dimensions), the side attention uses head dim
@@ -32,6 +32,8 @@ HEAD_DIM_KEYS = ("head_dim", "d_kv")
 ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
 # Config constants proportional to the head dim (the attention scale is derived from them).
 HEAD_DIM_SCALED_KEYS = ("query_pre_attn_scalar",)
+# Feed-forward widths of mixture-of-experts blocks beside the dense one (Qwen2/3-MoE, DeepSeek): divided by r too.
+EXPERT_WIDTH_KEYS = ("moe_intermediate_size", "shared_expert_intermediate_size")
 
 
 class SideShapeError(ValueError):
@@ -126,6 +128,11 @@ def reduced_config(config, info: BackboneInfo, shape: SideShape, attention_dropo
         real = config.attribute_map.get(key, key)
         if getattr(config, real, None):
             _set_width(side, real, shape.intermediate_size)
+    r = info.hidden_size // shape.hidden_size
+    for key in EXPERT_WIDTH_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value:
+            _set_width(side, key, max(1, value // r))
     for key in HEAD_COUNT_KEYS:
         real = config.attribute_map.get(key, key)
         if getattr(config, real, None):

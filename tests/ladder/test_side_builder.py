@@ -97,3 +97,24 @@ def test_per_layer_config_lists_reach_the_side_blocks_own_slots():
     blocks = peft_model.base_model.side_network.stacks[0].blocks
     assert all(type(block) is type(model.model.layers[0]) for block in blocks)
     assert [block.self_attn.use_rope for block in blocks] == [layer.self_attn.use_rope for layer in model.model.layers]
+
+
+def test_expert_widths_are_divided_by_r():
+    config = transformers.Qwen2MoeConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=128,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=96,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    peft_model = get_peft_model(model, LadderSideConfig(task_type="CAUSAL_LM", reduction_factor=4))
+    mlp = peft_model.base_model.side_network.stacks[0].blocks[0].mlp
+    assert mlp.experts.down_proj.shape == (4, 16, 64 // 4)  # (experts, side width, expert width / r)
+    assert mlp.shared_expert.down_proj.weight.shape == (16, 96 // 4)
