@@ -216,10 +216,11 @@ class SideRotary:
         kinds = self.block_layer_types or [None] * num_blocks
         per_kind = {}
         for kind in set(kinds):
-            cos, sin = module(reference, position_ids) if kind is None else module(reference, position_ids, kind)
+            # whatever the family's blocks take: (cos, sin), or Llama 4's complex frequencies
+            table = module(reference, position_ids) if kind is None else module(reference, position_ids, kind)
             if module is self.backbone_module:
-                cos, sin = cos[..., dims], sin[..., dims]
-            per_kind[kind] = (cos, sin)
+                table = tuple(part[..., dims] for part in table)
+            per_kind[kind] = table
         return [per_kind[kind] for kind in kinds]
 
 

@@ -3,6 +3,8 @@ cached equal to uncached for decoders and seq2seq, and side slots that mirror th
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -231,3 +233,34 @@ def test_mixing_after_the_final_norm_and_normalised_taps_start_at_the_base_model
         # the gate multiplies a zero up-projection: no gradient yet, and it starts at one
         assert torch.equal(stack.output_gate.grad, torch.zeros_like(stack.output_gate))
         assert torch.equal(stack.output_gate.detach(), torch.ones_like(stack.output_gate))
+
+
+def test_a_rotary_of_complex_frequencies_reaches_the_side_blocks_as_the_family_makes_it():
+    """Llama 4's rotary returns one complex tensor, not (cos, sin): its side blocks get it as its blocks do."""
+    config = transformers.Llama4TextConfig(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        intermediate_size_mlp=128,
+        vocab_size=128,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        attention_chunk_size=8,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the family's own block, no generic fallback
+        peft_model = get_peft_model(model, LadderSideConfig(task_type="CAUSAL_LM", reduction_factor=4)).eval()
+    assert type(peft_model.base_model.side_network.stacks[0].blocks[0]) is type(model.model.layers[0])
+    with torch.no_grad():
+        assert torch.equal(peft_model(input_ids=ids).logits, base)
