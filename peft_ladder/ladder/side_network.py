@@ -117,7 +117,9 @@ class SideStack(nn.Module):
 
     def kept_rotary_dims(self) -> torch.Tensor | None:
         """``rotary_dims`` when pruning kept whole rotary pairs, else ``None`` (read once: no device sync per call)."""
-        if self.rotary_dims is None:
+        if (
+            self.rotary_dims is None or self.rotary_dims.is_meta
+        ):  # a meta-device build (memory estimates) has no values
             return None
         if self._uses_kept_rotary is None:
             self._uses_kept_rotary = bool((self.rotary_dims >= 0).all())
