@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import transformers
+from family_configs import tiny_family_model
 from peft import get_peft_model
 
 import peft_ladder  # noqa: F401  (registers the method)
@@ -16,18 +17,7 @@ from peft_ladder.ladder import side_builder
 
 
 def tiny_mixtral():
-    config = transformers.MixtralConfig(
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=128,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config)
+    return tiny_family_model("mixtral")
 
 
 @pytest.mark.parametrize("init", ["pruned", "random"])
