@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import transformers
-from conftest import DECODERS, ENCODERS, SEQ2SEQ
+from conftest import DECODERS, ENCODERS, SEQ2SEQ, tiny_model
 
 AUTO_AND_TASK = {
     **{family: (transformers.AutoModelForSequenceClassification, "SEQ_CLS") for family in ENCODERS},
@@ -38,3 +38,24 @@ def assert_untouched(model, before: dict) -> None:
     for name, (value, requires_grad) in before["params"].items():
         now_value, now_requires_grad = after["params"][name]
         assert torch.equal(now_value, value) and now_requires_grad == requires_grad, name
+
+
+def bert_whose_layer_4_passes_its_input_through():
+    """A 6-layer BERT classifier in which layer 4 is the identity on its input: zero attention-output and
+    feed-forward-output projections leave LayerNorm(x), and x is already the output of layer 3's LayerNorm with unit
+    gain and zero bias (a fresh model's). Module 2 (layers 4-5) then computes exactly what layer 5 does."""
+    model = tiny_model("bert", transformers.AutoModelForSequenceClassification, num_hidden_layers=6)
+    layer = model.bert.encoder.layer[4]
+    with torch.no_grad():
+        for projection in (layer.attention.output.dense, layer.output.dense):
+            projection.weight.zero_()
+            projection.bias.zero_()
+    return model
+
+
+def calibration_batch() -> dict:
+    """Four padded BERT sentences with labels, for probes that measure layers on a small batch."""
+    input_ids = torch.randint(3, 120, (4, 10), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor([0, 1, 0, 1])}

@@ -9,31 +9,9 @@ import pytest
 import torch
 import transformers
 from conftest import tiny_model
-from helpers import assert_untouched, backbone_state
+from helpers import assert_untouched, backbone_state, bert_whose_layer_4_passes_its_input_through, calibration_batch
 
 from peft_ladder import capture_layer_io, fidelity_metrics, layer_fidelity
-
-
-def bert_whose_layer_4_is_the_identity():
-    """A 6-layer BERT in which layers 4-5 compute exactly what layer 5 alone computes.
-
-    Zero attention-output and feed-forward-output projections make layer 4 LayerNorm(x), and its input is already the
-    output of layer 3's LayerNorm with unit gain and zero bias (a fresh model's), so layer 4 passes it through.
-    """
-    model = tiny_model("bert", transformers.AutoModelForSequenceClassification, num_hidden_layers=6)
-    layer = model.bert.encoder.layer[4]
-    with torch.no_grad():
-        for projection in (layer.attention.output.dense, layer.output.dense):
-            projection.weight.zero_()
-            projection.bias.zero_()
-    return model
-
-
-def calibration_batch():
-    input_ids = torch.randint(3, 120, (4, 10), generator=torch.Generator().manual_seed(0))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 6:] = 0
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor([0, 1, 0, 1])}
 
 
 def test_metrics_against_hand_computed_values():
@@ -78,7 +56,7 @@ def test_captured_calls_replay_every_block_exactly(family, auto):
 
 
 def test_the_layer_that_computes_the_module_is_found():
-    model = bert_whose_layer_4_is_the_identity()
+    model = bert_whose_layer_4_passes_its_input_through()
     table = layer_fidelity(model, [range(0, 2), range(2, 4), range(4, 6)], calibration_batch())
     last_module = [row for row in table.rows if row.span == range(4, 6)]
     assert [row.candidate for row in last_module] == ["copy input"] + [f"layer {index}" for index in range(6)]

@@ -10,28 +10,10 @@ import pytest
 import torch
 import transformers
 from conftest import tiny_model
+from helpers import bert_whose_layer_4_passes_its_input_through, calibration_batch
 
 import peft_ladder.theseus.model
 from peft_ladder import TheseusConfig, module_fidelity
-
-
-def bert_whose_module_2_is_layer_5():
-    """A 6-layer BERT in which layer 4 passes its input through (zero output projections; the LayerNorm it ends with
-    sees an already-normalised input), so that module 2 (layers 4-5) computes exactly what layer 5 does."""
-    model = tiny_model("bert", transformers.AutoModelForSequenceClassification, num_hidden_layers=6)
-    layer = model.bert.encoder.layer[4]
-    with torch.no_grad():
-        for projection in (layer.attention.output.dense, layer.output.dense):
-            projection.weight.zero_()
-            projection.bias.zero_()
-    return model
-
-
-def calibration_batch():
-    input_ids = torch.randint(3, 120, (4, 10), generator=torch.Generator().manual_seed(0))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 6:] = 0
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor([0, 1, 0, 1])}
 
 
 def successor_layers(peft_model):
@@ -43,7 +25,7 @@ def same_weights(first, second) -> bool:
 
 
 def test_fidelity_start_picks_the_layer_that_reproduces_the_module(tmp_path, monkeypatch):
-    model = bert_whose_module_2_is_layer_5()
+    model = bert_whose_layer_4_passes_its_input_through()
     table = module_fidelity(model, 3, calibration_batch())
     expected = [table.best("bert.encoder.layer", module).layer for module in (range(0, 2), range(2, 4), range(4, 6))]
     assert expected[2] == 5  # the probe finds the constructed answer (see tests/test_fidelity.py)
@@ -65,7 +47,7 @@ def test_fidelity_start_picks_the_layer_that_reproduces_the_module(tmp_path, mon
         raise AssertionError("a loaded adapter re-ran the fidelity probe")
 
     monkeypatch.setattr(peft_ladder.theseus.model, "layer_fidelity", refuse)
-    loaded = peft.PeftModel.from_pretrained(bert_whose_module_2_is_layer_5(), tmp_path)
+    loaded = peft.PeftModel.from_pretrained(bert_whose_layer_4_passes_its_input_through(), tmp_path)
     assert loaded.peft_config["default"].successor_sources == [expected]
     assert all(same_weights(a, b) for a, b in zip(successor_layers(loaded), successors))
 
