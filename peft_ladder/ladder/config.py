@@ -67,9 +67,11 @@ class LadderSideConfig(PeftConfig):
             dim 12). Must divide the side query width, leave a head dim no larger than the backbone's, and be a
             multiple of the side key/value heads.
         side_attention_dropout (`Optional[float]`):
-            Dropout on the side blocks' attention probabilities. `None` (default) keeps the backbone's. `0.0` lets
-            PyTorch's fused attention kernels run in training (with dropout on, its CPU attention falls back to a
-            path that keeps the (batch, heads, length, length) probabilities and masks for backward).
+            Dropout on the side blocks' attention probabilities. `0.0` (default) lets PyTorch's fused attention
+            kernels run in training: with dropout on, its CPU attention falls back to a path that keeps the (batch,
+            heads, length, length) probabilities and dropout masks of every side block for backward, most of LST's
+            activation memory at sequence 128. `None` keeps the backbone's rate (the official code). `BENCHMARKS.md`
+            has the memory and accuracy of both.
         backbone_dropout (`bool`):
             `True` (default, the paper): the frozen backbone runs with its dropout in training, so the ladders read
             noisy taps. `False`: the backbone runs as in evaluation (no random draws, cheaper on the CPU).
@@ -141,7 +143,7 @@ class LadderSideConfig(PeftConfig):
         default=None, metadata={"help": "Attention heads of the side blocks (None = the backbone's)."}
     )
     side_attention_dropout: Optional[float] = field(
-        default=None, metadata={"help": "Attention-probability dropout of the side blocks (None = the backbone's)."}
+        default=0.0, metadata={"help": "Attention-probability dropout of the side blocks (None = the backbone's)."}
     )
     backbone_dropout: bool = field(
         default=True, metadata={"help": "Keep the frozen backbone's dropout on in training (the paper)."}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -97,3 +99,13 @@ def test_side_attention_dropout_sets_the_side_blocks_attention_dropout_only():
     )
     assert peft_model.base_model.side_network.stacks[0].blocks[0].attention.self.dropout.p == 0.0
     assert model.bert.encoder.layer[0].attention.self.dropout.p == 0.1
+
+
+def test_side_attention_dropout_is_off_by_default_and_none_keeps_the_backbones_rate():
+    model = tiny_model("bert", transformers.AutoModelForSequenceClassification, attention_probs_dropout_prob=0.1)
+    default = get_peft_model(copy.deepcopy(model), LadderSideConfig(task_type="SEQ_CLS", reduction_factor=4))
+    assert default.base_model.side_network.stacks[0].blocks[0].attention.self.dropout.p == 0.0
+    backbones = get_peft_model(
+        model, LadderSideConfig(task_type="SEQ_CLS", reduction_factor=4, side_attention_dropout=None)
+    )
+    assert backbones.base_model.side_network.stacks[0].blocks[0].attention.self.dropout.p == 0.1
