@@ -130,13 +130,18 @@ def _batches(model, dataset: Features, collator, batch_size: int):
 
 
 @torch.inference_mode()
-def accuracy(model, dataset: Features, collator, batch_size: int = 128) -> float:
-    """Fraction of ``dataset`` whose argmax logit equals the label."""
-    correct = 0
+def correct(model, dataset: Features, collator, batch_size: int = 128) -> list[bool]:
+    """Per example of ``dataset``: whether its argmax logit equals the label (for paired bootstraps over examples)."""
+    hits = []
     for batch in _batches(model, dataset, collator, batch_size):
         labels = batch.pop("labels")
-        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-    return correct / len(dataset)
+        hits.extend((model(**batch).logits.argmax(-1) == labels).tolist())
+    return hits
+
+
+def accuracy(model, dataset: Features, collator, batch_size: int = 128) -> float:
+    """Fraction of ``dataset`` whose argmax logit equals the label."""
+    return sum(correct(model, dataset, collator, batch_size)) / len(dataset)
 
 
 @torch.inference_mode()

@@ -6,8 +6,9 @@ every suite. An experiment declares its model, data, method and config, learning
 seeds (the fields are described in ``benchmarks/experiments/README.md``).
 
 Protocol, the same for every experiment: the learning rate is chosen on the validation split with the first seed
-(from the grid, or the rate another experiment chose), then the other seeds run at that rate; test figures are
-reported over all seeds. Seed-0 grids of a whole suite run before any other seed, so that a run cut short still
+(from the grid, extended past its edge until the best rate is interior where ``extend_grid`` says so, or the rate
+another experiment chose), then the other seeds run at that rate; with ``eval_every`` each run keeps the checkpoint
+with the best validation score and scores it on test once; test figures are reported over all seeds. Seed-0 grids of a whole suite run before any other seed, so that a run cut short still
 compares every method. Each run is written as JSON under ``--results`` (``<suite>/<experiment>/lr=...-seed=....json``)
 as soon as it finishes and is never run twice: run the same command again to resume. ``--report`` prints the tables
 from what is there.
@@ -39,7 +40,7 @@ SMOKE_RESULTS = Path("runs/results-smoke")
 FIELDS = {
     "description", "kind", "model", "init_from", "data", "method", "config", "learning_rate", "steps", "batch_size",
     "seeds", "training", "distill", "quantize", "deploy", "save_model", "compare_to", "models", "repeats", "seq_len",
-    "tokenizer",
+    "tokenizer", "eval_every", "extend_grid",
 }  # fmt: skip
 DATA_DEFAULTS = {"dataset": "rotten_tomatoes", "max_length": 64, "train_examples": None, "eval_examples": None}
 # --smoke: the pipeline end to end in seconds; its results go to their own folder and mean nothing
@@ -164,6 +165,16 @@ def _dependencies(spec: dict) -> list[str]:
     return [name for name in names if name]
 
 
+MAX_GRID_EXTENSIONS = 3
+
+
+def extended_grid(rates: list[float], best: float) -> list[float]:
+    """``rates`` (sorted) with one more rate past the edge ``best`` sits at, at the ratio of the two edge rates."""
+    if best == rates[-1]:
+        return [*rates, float(f"{rates[-1] * rates[-1] / rates[-2]:.3g}")]
+    return [float(f"{rates[0] * rates[0] / rates[1]:.3g}"), *rates]
+
+
 def _with_steps(config: dict, steps: int) -> dict:
     """Config values written in terms of the step budget ("steps // 2", "1 / steps") evaluated for this run."""
     resolved = {}
@@ -214,13 +225,24 @@ class Runner:
         return self.results / experiment.suite / experiment.name / f"lr={lr:g}-seed={seed}.json"
 
     def chosen_lr(self, experiment: Experiment) -> float:
-        """The learning rate chosen on validation with the first seed (running the grid if needed)."""
+        """The learning rate chosen on validation with the first seed (running the grid if needed).
+
+        With ``extend_grid``, a grid whose best rate is at an edge grows past that edge by the grid's own ratio,
+        one rate at a time, until the best rate is interior (at most ``MAX_GRID_EXTENSIONS`` rates).
+        """
         rates = experiment.spec["learning_rate"]
         if isinstance(rates, dict):
             return self.chosen_lr(self.experiment(experiment.suite, rates["from"]))
-        runs = [self.result(experiment, lr, experiment.spec["seeds"][0]) for lr in rates]
         better = max if self.splits(experiment.spec).metric == "accuracy" else min
-        return better(runs, key=lambda run: run["validation"])["lr"]
+        rates = sorted(rates)
+        for _ in range(MAX_GRID_EXTENSIONS + 1):
+            runs = [self.result(experiment, lr, experiment.spec["seeds"][0]) for lr in rates]
+            best = better(runs, key=lambda run: run["validation"])["lr"]
+            if not experiment.spec.get("extend_grid") or len(rates) < 2 or best not in (rates[0], rates[-1]):
+                return best
+            rates = extended_grid(rates, best)
+        print(f"[{experiment.key}] the best rate {best:g} is still at the grid's edge after extending it", flush=True)
+        return best
 
     def trained_model(self, suite: str, name: str, seed: int) -> Path:
         """Another experiment's saved model at its chosen rate, at ``seed`` if it runs that seed, else at its first."""
@@ -283,6 +305,14 @@ class Runner:
         trainable = training.trainable_parameters(model) if spec["steps"] > 0 else 0
         started = time.perf_counter()
         last_log = None
+        # eval_every: the checkpoint with the best validation score is the one scored (on test, once)
+        selection = None
+        if spec.get("eval_every") and spec["steps"] > 0:
+            selection = training.BestOnValidation(
+                lambda model: data.score(model, splits, splits.validation),
+                every=spec["eval_every"],
+                higher_is_better=splits.metric == "accuracy",
+            )
         if spec["steps"] > 0:
             trainer = training.train(
                 model,
@@ -295,9 +325,12 @@ class Runner:
                 output_dir=run_dir / "trainer",
                 teacher=teacher,
                 distill={key: value for key, value in (spec.get("distill") or {}).items() if key != "teacher"},
+                callbacks=[selection] if selection is not None else None,
                 **spec["training"],
             )
             last_log = next((entry for entry in reversed(trainer.state.log_history) if "loss" in entry), None)
+            if selection is not None:
+                selection.restore()
         seconds = time.perf_counter() - started
         final = training.finalize(model, spec["method"])
         result = dict(
@@ -313,8 +346,14 @@ class Runner:
             last_log=last_log,
             **data.evaluate(final, splits),
         )
+        if selection is not None:
+            result.update(best_step=selection.best_step, validation_curve=selection.curve)
         if splits.metric == "accuracy":
             result["backbone_linear_bytes"] = training.linear_weight_bytes(final)
+            if selection is not None:  # per test example, 1 = right: the report's paired bootstrap over examples
+                result["test_correct"] = "".join(
+                    "1" if hit else "0" for hit in data.correct(final, splits.test, splits.collator)
+                )
         if spec.get("deploy"):
             result["deploy"] = self.deploy(final, splits, spec["deploy"])
         if spec.get("save_model"):
@@ -435,7 +474,7 @@ def report(experiments: list[Experiment], results: Path) -> str:
         "| 95% bootstrap CI | vs reference |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    tests_by_name = {}
+    tests_by_name, correct_by_name = {}, {}
     for experiment in trained:
         runs = all_runs[experiment]
         if not runs:
@@ -446,6 +485,9 @@ def report(experiments: list[Experiment], results: Path) -> str:
         lr = _chosen(runs, experiment, metric, all_runs)
         chosen = {run["seed"]: run for run in runs if run["lr"] == lr}
         tests_by_name[experiment.name] = {seed: run["test"] for seed, run in chosen.items()}
+        correct_by_name[experiment.name] = {
+            seed: [bit == "1" for bit in run["test_correct"]] for seed, run in chosen.items() if "test_correct" in run
+        }
         tests = list(tests_by_name[experiment.name].values())
         grid = ", ".join(
             f"{run['lr']:g}: {run['validation'] * scale:.{digits}f}"
@@ -453,11 +495,10 @@ def report(experiments: list[Experiment], results: Path) -> str:
             if run["seed"] == experiment.spec["seeds"][0]
         )
         low, high = stats.bootstrap_ci(tests)
-        versus = _versus(experiment, tests_by_name, metric)
         lines.append(
             f"| {experiment.name} | {lr:g} | {runs[0]['trainable']:,} | {grid} "
             f"| {stats.format_mean_std(tests, scale, digits)} (n={len(tests)}) "
-            f"| [{low * scale:.{digits}f}, {high * scale:.{digits}f}] | {versus} |"
+            f"| [{low * scale:.{digits}f}, {high * scale:.{digits}f}] | {{versus:{experiment.name}}} |"
         )
         deployed = [run["deploy"] for run in chosen.values() if "deploy" in run]
         for scheme in [name for name in deployed[0] if name != "fp32"] if deployed else []:
@@ -468,6 +509,13 @@ def report(experiments: list[Experiment], results: Path) -> str:
                 f"| {stats.format_mean_std([variant[scheme]['test'] for variant in deployed])} (n={len(deployed)}) "
                 f"| | {sorted(speedups)[len(speedups) // 2]:.2f}x faster than fp32 (median) |"
             )
+    for experiment in trained:  # every test figure is known now, whatever order the references come in
+        metric = "accuracy" if experiment.spec["data"]["dataset"] != "hamlet" else "perplexity"
+        placeholder = f"{{versus:{experiment.name}}}"
+        versus = (
+            _versus(experiment, tests_by_name, metric, correct_by_name) if experiment.name in tests_by_name else ""
+        )
+        lines = [line.replace(placeholder, versus) for line in lines]
     for experiment in experiments:
         path = results / experiment.suite / experiment.name / "latency.json"
         if experiment.spec["kind"] == "latency" and path.exists():
@@ -479,7 +527,7 @@ def report(experiments: list[Experiment], results: Path) -> str:
     return "\n".join(lines)
 
 
-def _versus(experiment: Experiment, tests_by_name: dict, metric: str) -> str:
+def _versus(experiment: Experiment, tests_by_name: dict, metric: str, correct_by_name: dict) -> str:
     """Test figure against the ``compare_to`` experiment's: share retained (accuracy) and the paired difference."""
     reference = experiment.spec.get("compare_to")
     if not reference or reference not in tests_by_name:
@@ -492,7 +540,18 @@ def _versus(experiment: Experiment, tests_by_name: dict, metric: str) -> str:
         parts.append(f"{100 * retained:.1f}% of {reference}")
     if paired:
         scale = 100.0 if metric == "accuracy" else 1.0
-        parts.append(f"paired diff vs {reference} {stats.format_mean_std(paired, scale, 2)} (n={len(paired)})")
+        low, high = stats.bootstrap_ci(paired)
+        parts.append(
+            f"paired diff vs {reference} {stats.format_mean_std(paired, scale, 2)} (n={len(paired)}, "
+            f"95% bootstrap CI over seeds [{low * scale:.2f}, {high * scale:.2f}])"
+        )
+    hits = correct_by_name.get(experiment.name, {}), correct_by_name.get(reference, {})
+    seeds = [seed for seed in hits[0] if seed in hits[1]]
+    if seeds:
+        low, high = stats.paired_example_bootstrap_ci(
+            [hits[0][seed] for seed in seeds], [hits[1][seed] for seed in seeds]
+        )
+        parts.append(f"over seeds and test examples [{100 * low:.2f}, {100 * high:.2f}]")
     return "; ".join(parts)
 
 

@@ -64,6 +64,51 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+class BestOnValidation(transformers.TrainerCallback):
+    """Scores the model on validation every ``every`` optimizer steps (and at the last one) and keeps a copy of the
+    trainable weights at the best score; :meth:`restore` loads them back once training is over.
+
+    ``score(model)`` returns the validation figure; ``higher_is_better`` says which way is better. Only trainable
+    tensors are copied (the side network, LoRA's matrices, a new head): the frozen weights never change. The model is
+    scored in eval mode (a Theseus model then runs its successor alone) and put back in training mode.
+    """
+
+    def __init__(self, score, every: int, higher_is_better: bool):
+        if every < 1:
+            raise ValueError(f"every must be a positive number of steps, got {every}")
+        self.score, self.every, self.higher_is_better = score, every, higher_is_better
+        self.curve: list[tuple[int, float]] = []  # (step, validation score), in order
+        self.best_step: int | None = None
+        self._best_state: dict[str, torch.Tensor] | None = None
+        self._model: nn.Module | None = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every and state.global_step != state.max_steps:
+            return
+        value = self.score(model)
+        model.train()
+        self.curve.append((state.global_step, value))
+        best = self.best_value
+        if self.best_step is None or (value > best if self.higher_is_better else value < best):
+            self.best_step, self._model = state.global_step, model
+            self._best_state = {
+                name: tensor.detach().clone() for name, tensor in model.named_parameters() if tensor.requires_grad
+            }
+
+    @property
+    def best_value(self) -> float | None:
+        return dict(self.curve)[self.best_step] if self.best_step is not None else None
+
+    def restore(self) -> None:
+        """Load the best weights back into the model (a no-op when the last evaluation was the best)."""
+        if self._best_state is None:
+            raise RuntimeError("no evaluation ran: train for at least one step first")
+        parameters = dict(self._model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in self._best_state.items():
+                parameters[name].copy_(tensor)
+
+
 class _ProgressBarOnly(transformers.trainer_callback.ProgressCallback):
     """The Trainer's progress bar without the log dictionaries it prints under it."""
 

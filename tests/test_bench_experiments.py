@@ -1,8 +1,11 @@
 """`python -m benchmarks.run`: experiments as data, their declared protocols, the report, resuming, a smoke run."""
 
 import json
+import math
+import types
 
 import pytest
+import torch
 
 from benchmarks import run, training
 
@@ -94,7 +97,46 @@ def test_report_chooses_on_validation_and_summarises_test_over_seeds(tmp_path):
     table = run.report(suite, tmp_path).splitlines()
     assert table[2].startswith("| lst | 0.003 | 1,234 | 0.001: 70.0, 0.003: 80.0 | 80.0 ± 10.0 (n=3) |")
     # 81.0 / 80.0 of the test mean kept; paired by seed: +2, 0, +1 points
-    assert "| 101.3% of lst; paired diff vs lst 1.00 ± 1.00 (n=3) |" in table[3]
+    assert "| 101.3% of lst; paired diff vs lst 1.00 ± 1.00 (n=3, 95% bootstrap CI over seeds [" in table[3]
+
+
+def test_extended_grid_steps_past_the_edge_at_the_grids_own_ratio():
+    assert run.extended_grid([1e-3, 3e-3, 1e-2], best=1e-2) == [1e-3, 3e-3, 1e-2, 0.0333]
+    assert run.extended_grid([1e-3, 3e-3, 1e-2], best=1e-3) == [0.000333, 1e-3, 3e-3, 1e-2]
+
+
+def test_a_grid_with_the_best_rate_at_an_edge_is_extended_until_interior(monkeypatch):
+    experiment = run.select(["lst_protocol/lst"], {})["lst_protocol"][-1]
+    runner = run.Runner({"lst_protocol": [experiment]}, results=None)
+    monkeypatch.setattr(runner, "splits", lambda spec: types.SimpleNamespace(metric="accuracy"))
+    tried = []
+
+    def result(experiment, lr, seed):  # validation accuracy peaks at lr = 0.1, two grid steps above the grid
+        tried.append(lr)
+        return {"lr": lr, "validation": -abs(math.log(lr / 0.1))}
+
+    monkeypatch.setattr(runner, "result", result)
+    assert runner.chosen_lr(experiment) == pytest.approx(0.111)  # 1e-2 -> 0.0333 -> 0.111 -> 0.37: 0.111 is interior
+    assert sorted(set(tried))[-1] == pytest.approx(0.37)
+
+
+def test_best_on_validation_keeps_and_restores_the_best_trainable_weights():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    model[0].requires_grad_(False)
+    scores = iter([0.5, 0.9, 0.7])
+    selection = training.BestOnValidation(lambda model: next(scores), every=10, higher_is_better=True)
+    weights = []
+    for step in (10, 20, 25):  # 25: the last step is always scored
+        with torch.no_grad():
+            model[1].weight.add_(1.0)
+        weights.append(model[1].weight.clone())
+        selection.on_step_end(None, types.SimpleNamespace(global_step=step, max_steps=25), None, model=model)
+    selection.on_step_end(None, types.SimpleNamespace(global_step=21, max_steps=25), None, model=model)  # no eval
+    assert selection.curve == [(10, 0.5), (20, 0.9), (25, 0.7)] and selection.best_step == 20
+    selection.restore()
+    assert torch.equal(model[1].weight, weights[1])
+    with pytest.raises(ValueError, match="positive number of steps"):
+        training.BestOnValidation(lambda model: 0.0, every=0, higher_is_better=True)
 
 
 def test_a_cached_run_with_other_settings_is_refused(tmp_path):

@@ -84,3 +84,14 @@ def test_methods_train_what_they_declare():
         training.apply_method(tiny_bert(128), "truncate", {"num_layers": 1, "train": "head"}, "SEQ_CLS")
     theseus = training.apply_method(tiny_bert(128), "theseus", {"num_successor_layers": 1}, "SEQ_CLS")
     assert training.finalize(theseus, "theseus").config.num_hidden_layers == 1  # the extracted successor
+
+
+def test_the_paired_example_bootstrap_is_zero_for_equal_methods_and_one_for_a_method_always_right():
+    right, wrong = [[True] * 50, [True] * 50], [[False] * 50, [False] * 50]
+    assert stats.paired_example_bootstrap_ci(right, right) == (0.0, 0.0)
+    assert stats.paired_example_bootstrap_ci(right, wrong) == (1.0, 1.0)
+    mixed = [[index % 2 == 0 for index in range(50)]] * 2
+    low, high = stats.paired_example_bootstrap_ci(mixed, wrong, resamples=500)
+    assert low < 0.5 < high
+    with pytest.raises(ValueError, match="same seeds and test examples"):
+        stats.paired_example_bootstrap_ci(right, [[True] * 49, [True] * 50])
