@@ -5,13 +5,13 @@ EXPERIMENT is a suite (``lst_quality``), one experiment (``lst_quality/lora``) o
 every suite. An experiment declares its model, data, method and config, learning-rate grid, steps, batch size and
 seeds (the fields are described in ``benchmarks/experiments/README.md``).
 
-Protocol, the same for every experiment: the learning rate is chosen on the validation split with the first seed
-(from the grid, extended past its edge until the best rate is interior where ``extend_grid`` says so, or the rate
-another experiment chose), then the other seeds run at that rate; with ``eval_every`` each run keeps the checkpoint
-with the best validation score and scores it on test once; test figures are reported over all seeds. Seed-0 grids of a whole suite run before any other seed, so that a run cut short still
-compares every method. Each run is written as JSON under ``--results`` (``<suite>/<experiment>/lr=...-seed=....json``)
-as soon as it finishes and is never run twice: run the same command again to resume. ``--report`` prints the tables
-from what is there.
+Protocol, the same for every experiment: the learning rate is chosen on the validation split with the first seed (from
+the grid, extended past its edge until the best rate is interior where ``extend_grid`` says so, or the rate another
+experiment chose), then the other seeds run at that rate; with ``eval_every`` each run keeps the checkpoint with the
+best validation score and scores it on test once; test figures are reported over all seeds. Seed-0 grids of a whole
+suite run before any other seed, so that a run cut short still compares every method. Each run is written as JSON under
+``--results`` (``<suite>/<experiment>/lr=...-seed=....json``) as soon as it finishes and is never run twice: run the
+same command again to resume. ``--report`` prints the tables from what is there.
 """
 
 from __future__ import annotations
@@ -40,11 +40,12 @@ SMOKE_RESULTS = Path("runs/results-smoke")
 FIELDS = {
     "description", "kind", "model", "init_from", "data", "method", "config", "learning_rate", "steps", "batch_size",
     "seeds", "training", "distill", "quantize", "deploy", "save_model", "compare_to", "models", "repeats", "seq_len",
-    "tokenizer", "eval_every", "extend_grid",
+    "tokenizer", "eval_every", "extend_grid", "sample",
 }  # fmt: skip
 DATA_DEFAULTS = {"dataset": "rotten_tomatoes", "max_length": 64, "train_examples": None, "eval_examples": None}
 # --smoke: the pipeline end to end in seconds; its results go to their own folder and mean nothing
 SMOKE = {"steps": 2, "batch_size": 8, "train_examples": 32, "eval_examples": 16, "max_length": 32, "repeats": 1}
+SAMPLE_FIELDS = {"prompt", "max_new_tokens"}
 
 
 @dataclass(eq=False)  # compared and hashed by identity: one object per declaration
@@ -77,10 +78,22 @@ def load_experiment(path: Path, overrides: dict) -> Experiment:
                 raise ValueError(f"{path}: a training experiment needs {field!r}")
         if spec["method"] not in training.METHODS:
             raise ValueError(f"{path}: method {spec['method']!r} is not one of {training.METHODS}")
+        if "sample" in spec:
+            _check_sample(path, spec)
     elif spec["kind"] != "latency":
         raise ValueError(f"{path}: kind must be 'train' or 'latency', got {spec['kind']!r}")
     _apply_overrides(spec, overrides)
     return Experiment(suite=path.parent.name, name=path.stem, spec=spec)
+
+
+def _check_sample(path: Path, spec: dict) -> None:
+    sample, dataset = spec["sample"], spec["data"]["dataset"]
+    if not isinstance(sample, dict) or set(sample) != SAMPLE_FIELDS:
+        raise ValueError(f"{path}: sample must be an object with exactly {sorted(SAMPLE_FIELDS)}, got {sample!r}")
+    if not isinstance(sample["prompt"], str) or not isinstance(sample["max_new_tokens"], int):
+        raise ValueError(f"{path}: sample needs a string prompt and an integer max_new_tokens, got {sample!r}")
+    if data.METRICS.get(dataset) != "perplexity":
+        raise ValueError(f"{path}: sample needs a language-modelling dataset (perplexity), not {dataset!r}")
 
 
 def _apply_overrides(spec: dict, overrides: dict) -> None:
@@ -107,6 +120,8 @@ def _apply_overrides(spec: dict, overrides: dict) -> None:
     spec["data"]["max_length"] = min(spec["data"]["max_length"], SMOKE["max_length"])
     if "deploy" in spec:
         spec["deploy"]["repeats"] = SMOKE["repeats"]
+    if "sample" in spec:
+        spec["sample"]["max_new_tokens"] = min(spec["sample"]["max_new_tokens"], 8)
 
 
 def select(names: list[str], overrides: dict) -> dict[str, list[Experiment]]:
@@ -166,6 +181,14 @@ def _dependencies(spec: dict) -> list[str]:
 
 
 MAX_GRID_EXTENSIONS = 3
+# Fields that do not change what one run computes: more seeds or another reference keep the cached runs valid.
+NOT_PART_OF_A_RUN = ("seeds", "compare_to", "description")
+
+
+def same_run(settings: dict, spec: dict) -> bool:
+    """Whether a cached run's ``settings`` declare the same training as ``spec`` (seed lists and labels aside)."""
+    strip = lambda fields: {key: value for key, value in fields.items() if key not in NOT_PART_OF_A_RUN}  # noqa: E731
+    return strip(settings) == strip(spec)
 
 
 def extended_grid(rates: list[float], best: float) -> list[float]:
@@ -197,6 +220,7 @@ class Runner:
         self.model_dir = model_dir  # a copy of all-MiniLM-L6-v2, for a machine without the asset packages
         self.data_json = data_json
         self._data: dict[tuple, data.Splits] = {}
+        self._tokenizers: dict[str, object] = {}
 
     def experiment(self, suite: str, name: str) -> Experiment:
         return self.experiments[f"{suite}/{name}"]
@@ -212,13 +236,17 @@ class Runner:
     def base_model(self, spec: dict) -> str:
         return self.resolve(spec["model"])
 
+    def tokenizer(self, spec: dict):
+        source = self.resolve(spec.get("tokenizer", spec["model"]))
+        if source not in self._tokenizers:
+            self._tokenizers[source] = transformers.AutoTokenizer.from_pretrained(source)
+        return self._tokenizers[source]
+
     def splits(self, spec: dict) -> data.Splits:
         settings = spec["data"]
-        tokenizer_source = self.resolve(spec.get("tokenizer", spec["model"]))
-        key = (tokenizer_source, *sorted(settings.items()))
+        key = (self.resolve(spec.get("tokenizer", spec["model"])), *sorted(settings.items()))
         if key not in self._data:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_source)
-            self._data[key] = data.load(tokenizer=tokenizer, splits_json=self.data_json, **settings)
+            self._data[key] = data.load(tokenizer=self.tokenizer(spec), splits_json=self.data_json, **settings)
         return self._data[key]
 
     def run_path(self, experiment: Experiment, lr: float, seed: int) -> Path:
@@ -258,7 +286,7 @@ class Runner:
         path = self.run_path(experiment, lr, seed)
         if path.exists():
             cached = json.loads(path.read_text())
-            if cached["settings"] != experiment.spec:
+            if not same_run(cached["settings"], experiment.spec):
                 raise SystemExit(
                     f"{path} was produced with other settings than {experiment.key} declares now; pass another "
                     "--results folder (or delete that file to rerun it)."
@@ -354,6 +382,8 @@ class Runner:
                 result["test_correct"] = "".join(
                     "1" if hit else "0" for hit in data.correct(final, splits.test, splits.collator)
                 )
+        if spec.get("sample"):  # one greedy continuation of the declared prompt, from the scored checkpoint
+            result["sample"] = data.continuation(final, self.tokenizer(spec), **spec["sample"])
         if spec.get("deploy"):
             result["deploy"] = self.deploy(final, splits, spec["deploy"])
         if spec.get("save_model"):
@@ -450,7 +480,7 @@ def environment() -> dict:
 def _runs(results: Path, experiment: Experiment) -> list[dict]:
     folder = results / experiment.suite / experiment.name
     runs = [json.loads(path.read_text()) for path in sorted(folder.glob("lr=*.json"))]
-    return [run for run in runs if run["settings"] == experiment.spec]
+    return [run for run in runs if same_run(run["settings"], experiment.spec)]
 
 
 def _chosen(runs: list[dict], experiment: Experiment, metric: str, all_runs: dict) -> float | None:
@@ -474,13 +504,13 @@ def report(experiments: list[Experiment], results: Path) -> str:
         "| 95% bootstrap CI | vs reference |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    tests_by_name, correct_by_name = {}, {}
+    tests_by_name, correct_by_name, samples = {}, {}, {}
     for experiment in trained:
         runs = all_runs[experiment]
         if not runs:
             lines.append(f"| {experiment.name} | not run | | | | | |")
             continue
-        metric = "accuracy" if experiment.spec["data"]["dataset"] != "hamlet" else "perplexity"
+        metric = data.METRICS[experiment.spec["data"]["dataset"]]
         scale, digits = (100.0, 1) if metric == "accuracy" else (1.0, 2)
         lr = _chosen(runs, experiment, metric, all_runs)
         chosen = {run["seed"]: run for run in runs if run["lr"] == lr}
@@ -488,6 +518,9 @@ def report(experiments: list[Experiment], results: Path) -> str:
         correct_by_name[experiment.name] = {
             seed: [bit == "1" for bit in run["test_correct"]] for seed, run in chosen.items() if "test_correct" in run
         }
+        first_seed = chosen.get(experiment.spec["seeds"][0], {})
+        if "sample" in first_seed:
+            samples[experiment.name] = (experiment.spec["sample"]["prompt"], first_seed["sample"])
         tests = list(tests_by_name[experiment.name].values())
         grid = ", ".join(
             f"{run['lr']:g}: {run['validation'] * scale:.{digits}f}"
@@ -510,7 +543,7 @@ def report(experiments: list[Experiment], results: Path) -> str:
                 f"| | {sorted(speedups)[len(speedups) // 2]:.2f}x faster than fp32 (median) |"
             )
     for experiment in trained:  # every test figure is known now, whatever order the references come in
-        metric = "accuracy" if experiment.spec["data"]["dataset"] != "hamlet" else "perplexity"
+        metric = data.METRICS[experiment.spec["data"]["dataset"]]
         placeholder = f"{{versus:{experiment.name}}}"
         versus = (
             _versus(experiment, tests_by_name, metric, correct_by_name) if experiment.name in tests_by_name else ""
@@ -524,6 +557,10 @@ def report(experiments: list[Experiment], results: Path) -> str:
             lines.append(
                 f"\n{experiment.name}: {times}; speed-up {timing['speedup']:.2f}x ({timing['threads']} threads)"
             )
+    if samples:  # quoted as JSON strings: one line each, newlines and spaces visible
+        lines.append("\nGreedy continuations (first seed, chosen rate):\n")
+        for name, (prompt, text) in samples.items():
+            lines.append(f"- {name}: {json.dumps(prompt)} + {json.dumps(text, ensure_ascii=False)}")
     return "\n".join(lines)
 
 

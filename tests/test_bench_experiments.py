@@ -100,6 +100,14 @@ def test_report_chooses_on_validation_and_summarises_test_over_seeds(tmp_path):
     assert "| 101.3% of lst; paired diff vs lst 1.00 ± 1.00 (n=3, 95% bootstrap CI over seeds [" in table[3]
 
 
+def test_more_seeds_or_another_reference_keep_the_cached_runs(tmp_path):
+    experiment = run.select(["lst_protocol/lst"], {})["lst_protocol"][-1]
+    _write_runs(tmp_path, experiment, [(1e-3, 0, 0.7, 0.7)])
+    more = run.select(["lst_protocol/lst"], {"seeds": [0, 1, 2, 3, 4]})["lst_protocol"][-1]
+    more.spec["compare_to"] = "lora"
+    assert run.Runner({"lst_protocol": [more]}, tmp_path).result(more, 1e-3, 0)["validation"] == 0.7
+
+
 def test_extended_grid_steps_past_the_edge_at_the_grids_own_ratio():
     assert run.extended_grid([1e-3, 3e-3, 1e-2], best=1e-2) == [1e-3, 3e-3, 1e-2, 0.0333]
     assert run.extended_grid([1e-3, 3e-3, 1e-2], best=1e-3) == [0.000333, 1e-3, 3e-3, 1e-2]
