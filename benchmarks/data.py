@@ -1,10 +1,14 @@
 """The data of every quality experiment and the demo: tokenized splits, their collator, and the metric on them.
 
-Two datasets, both with fixed train/validation/test splits (tune on validation, report test):
+Three datasets, all with fixed train/validation/test splits (tune on validation, report test):
 
 * ``rotten_tomatoes``: sentence polarity (:func:`benchmarks.assets.rotten_tomatoes`), scored by accuracy;
 * ``hamlet``: Hamlet cut into blocks of ``max_length`` tokens, the first 80% of the blocks train, the next 10% are
-  validation, the last 10% test (contiguous, so no test line is trained on); scored by perplexity.
+  validation, the last 10% test (contiguous, so no test line is trained on); scored by perplexity;
+* ``imdb_lm``: the 25,000 IMDB reviews as a language-modelling corpus, split by review (:func:`benchmarks.assets.
+  imdb_lm`: 90% train, 5% validation, 5% test, so no held-out review is trained on); each split's reviews, in split
+  order and each followed by the EOS token, are cut into blocks of ``max_length`` (default 128) tokens with labels =
+  input_ids; scored by perplexity.
 
 Typical use::
 
@@ -12,6 +16,7 @@ Typical use::
     scores = evaluate(model, data)            # {"validation": 0.81, "test": 0.80}
 
 Features are plain lists of dicts (no ``datasets`` dependency); classification batches are padded per batch.
+:func:`continuation` gives a language model's greedy continuation of a prompt, for reading beside the perplexities.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorWithPadding, default_data_collator
+from transformers import DataCollatorWithPadding, GenerationConfig, default_data_collator
 
 from benchmarks import assets
 
 Features = list[dict[str, list[int] | int]]
-METRICS = {"rotten_tomatoes": "accuracy", "hamlet": "perplexity"}
+METRICS = {"rotten_tomatoes": "accuracy", "hamlet": "perplexity", "imdb_lm": "perplexity"}
+DEFAULT_MAX_LENGTH = {"rotten_tomatoes": 64, "hamlet": 64, "imdb_lm": 128}
+REVIEWS_PER_TOKENIZER_CALL = 1000  # imdb_lm tokenizes in chunks, and stops once the capped blocks are filled
 
 
 @dataclass
@@ -97,26 +104,61 @@ def _blocks(text: str, tokenizer, block: int, train_examples, eval_examples) -> 
     )
 
 
+def _review_blocks(reviews: Sequence[str], tokenizer, block: int, limit: int | None) -> Features:
+    """The first ``limit`` (all if ``None``) ``block``-token blocks of ``reviews`` joined in order, each review
+    followed by the EOS token; labels are the input ids. Only the reviews those blocks need are tokenized."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("imdb_lm puts the EOS token between reviews; give a tokenizer that has one.")
+    pieces, tokens = [], 0
+    for start in range(0, len(reviews), REVIEWS_PER_TOKENIZER_CALL):
+        encoded = tokenizer(list(reviews[start : start + REVIEWS_PER_TOKENIZER_CALL]), add_special_tokens=False)
+        for ids in encoded["input_ids"]:
+            pieces.append(torch.tensor([*ids, tokenizer.eos_token_id]))
+            tokens += len(ids) + 1
+        if limit is not None and tokens >= limit * block:
+            break
+    stream = torch.cat(pieces)
+    # Rows are views of one tensor: 128-token blocks of 22,500 reviews as Python lists would take about 0.5 GB.
+    rows = stream[: len(stream) // block * block].view(-1, block)[:limit]
+    return [{"input_ids": row, "labels": row} for row in rows]
+
+
+def _imdb_lm(tokenizer, block: int, train_examples, eval_examples) -> Splits:
+    reviews = assets.imdb_lm()  # (texts, labels) per split; the labels are not used
+    return Splits(
+        train=_review_blocks(reviews.train[0], tokenizer, block, train_examples),
+        validation=_review_blocks(reviews.validation[0], tokenizer, block, eval_examples),
+        test=_review_blocks(reviews.test[0], tokenizer, block, eval_examples),
+        collator=default_data_collator,
+        metric="perplexity",
+    )
+
+
 def load(
     dataset: str,
     tokenizer,
-    max_length: int,
+    max_length: int | None = None,
     train_examples: int | None = None,
     eval_examples: int | None = None,
     splits_json: str | Path | None = None,
 ) -> Splits:
-    """The tokenized splits of ``dataset``, keeping the first N examples of each (the splits are already shuffled
-    with a fixed seed, or contiguous for ``hamlet``, so a prefix is a fixed subset).
+    """The tokenized splits of ``dataset``, keeping the first N examples (blocks, for the language-modelling sets)
+    of each (the splits are already shuffled with a fixed seed, or contiguous for ``hamlet``, so a prefix is a fixed
+    subset).
 
+    ``max_length`` is the truncation length or block length (``None``: :data:`DEFAULT_MAX_LENGTH` of the dataset).
     ``train_examples`` caps the train split; ``eval_examples`` caps validation and test alike. ``splits_json`` reads
     Rotten Tomatoes from a file written by :func:`write_splits_json` instead of the asset package.
     """
+    if dataset not in METRICS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(METRICS)}")
+    max_length = DEFAULT_MAX_LENGTH[dataset] if max_length is None else max_length
     if dataset == "rotten_tomatoes":
         splits = splits_from_json(splits_json) if splits_json else assets.rotten_tomatoes()
         return _text_classification(splits, tokenizer, max_length, train_examples, eval_examples)
     if dataset == "hamlet":
         return _blocks(assets.hamlet_text(), tokenizer, max_length, train_examples, eval_examples)
-    raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(METRICS)}")
+    return _imdb_lm(tokenizer, max_length, train_examples, eval_examples)
 
 
 def _batches(model, dataset: Features, collator, batch_size: int):
@@ -151,6 +193,23 @@ def perplexity(model, dataset: Features, collator, batch_size: int = 8) -> float
     for batch in _batches(model, dataset, collator, batch_size):
         total += model(**batch).loss.item() * len(batch["input_ids"])
     return math.exp(total / len(dataset))
+
+
+@torch.inference_mode()
+def continuation(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The greedy (deterministic) continuation of ``prompt`` by the causal LM ``model``: the new text only, stopping
+    at the EOS token or after ``max_new_tokens``. The model is put in eval mode (and left there)."""
+    model.eval()
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
+    # A config of its own: the checkpoint's sampling defaults (temperature, top_p) must not apply
+    settings = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    output = model.generate(**inputs, generation_config=settings)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def score(model, data: Splits, split: Features) -> float:

@@ -42,7 +42,8 @@ FIELDS = {
     "seeds", "training", "distill", "quantize", "deploy", "save_model", "compare_to", "models", "repeats", "seq_len",
     "tokenizer", "eval_every", "extend_grid", "sample",
 }  # fmt: skip
-DATA_DEFAULTS = {"dataset": "rotten_tomatoes", "max_length": 64, "train_examples": None, "eval_examples": None}
+# max_length defaults per dataset: data.DEFAULT_MAX_LENGTH
+DATA_DEFAULTS = {"dataset": "rotten_tomatoes", "train_examples": None, "eval_examples": None}
 # --smoke: the pipeline end to end in seconds; its results go to their own folder and mean nothing
 SMOKE = {"steps": 2, "batch_size": 8, "train_examples": 32, "eval_examples": 16, "max_length": 32, "repeats": 1}
 SAMPLE_FIELDS = {"prompt", "max_new_tokens"}
@@ -68,6 +69,9 @@ def load_experiment(path: Path, overrides: dict) -> Experiment:
     spec.setdefault("kind", "train")
     spec.setdefault("model", "minilm")
     spec["data"] = {**DATA_DEFAULTS, **spec.get("data", {})}
+    if spec["data"]["dataset"] not in data.METRICS:
+        raise ValueError(f"{path}: unknown dataset {spec['data']['dataset']!r}; choose from {sorted(data.METRICS)}")
+    spec["data"].setdefault("max_length", data.DEFAULT_MAX_LENGTH[spec["data"]["dataset"]])
     spec.setdefault("config", {})
     spec.setdefault("seeds", [0])
     spec.setdefault("batch_size", 32)
