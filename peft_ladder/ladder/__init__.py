@@ -1,7 +1,7 @@
 from .callbacks import LadderGateLogger
 from .config import LadderSideConfig
 from .diagnostics import init_fidelity
-from .init import fisher_init_
+from .fisher import fisher_init_
 from .loss import chunked_causal_lm_loss as chunked_causal_lm_loss
 from .model import LadderSideModel, compile_side_network
 

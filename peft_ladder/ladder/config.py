@@ -48,7 +48,8 @@ class LadderSideConfig(PeftConfig):
             How the side blocks are initialised: `"pruned"` (default) keeps the 1/r most important rows and columns
             of the backbone's weights, scored by weight magnitude (no data needed); `"fisher"` does the same with
             Fisher scores, which need data, so call `peft_ladder.fisher_init_(peft_model, dataloader)` after
-            `get_peft_model`; `"random"` uses the family's own weight initialisation (the backbone model's
+            `get_peft_model` (for a new classification head, `objective="probe"` fits the head first and scores the
+            task loss through it); `"random"` uses the family's own weight initialisation (the backbone model's
             `_init_weights` at side width). Loading a saved adapter never re-runs initialisation.
         pruning (`str`):
             How `"pruned"` and `"fisher"` choose what the side blocks keep (`peft_ladder.ladder.pruning`).

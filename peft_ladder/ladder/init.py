@@ -1,6 +1,6 @@
 """Side network initialisation: the recipe that turns a freshly built side network into a pruned copy of the backbone.
 
-``init="pruned"`` (magnitude) or ``"fisher"`` (:func:`fisher_init_`) prunes every side block from the backbone layer
+``init="pruned"`` (magnitude) or ``"fisher"`` (scores from :func:`peft_ladder.ladder.fisher.fisher_init_`) prunes every side block from the backbone layer
 it sits beside (:mod:`.pruning`, ``pruning="residual"`` or the official ``"chain"``) and the side final norm from the
 backbone's. The parts with no backbone counterpart start as ``ladder_init`` says:
 
@@ -20,7 +20,6 @@ after attention and MLP).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -207,75 +206,3 @@ def _embedding_scores(embeddings: nn.Module, width: int, score) -> torch.Tensor:
             scores.sum(dim=[a for a in range(param.dim()) if a != axis]).cpu() if param.dim() > 1 else scores.cpu()
         )
     return total
-
-
-def iter_batches(dataloader: Iterable, num_batches: int):
-    for index, batch in enumerate(dataloader):
-        if index >= num_batches:
-            break
-        yield batch
-
-
-def fisher_init_(peft_model, dataloader: Iterable, num_batches: int = 8, objective: str = "auto") -> dict:
-    """Re-initialise the active adapter's side network by pruning with Fisher importance (the paper's init).
-
-    Call it right after ``get_peft_model`` (on a fresh adapter: it overwrites the side network's weights), with a
-    dataloader of the training data: batches are dicts of model inputs, with ``labels`` for the task objective.
-    Importance is the squared gradient of each backbone weight, summed over ``num_batches`` batches; the pruning chain
-    is then the same as the default magnitude init (module docstring).
-
-    ``objective``:
-
-    * ``"task"``: the model's own loss on the batch (needs ``labels``). Right for heads that are already trained, as
-      the LM head of ``CAUSAL_LM`` / ``SEQ_2_SEQ_LM``.
-    * ``"representation"``: for a freshly initialised head (``SEQ_CLS``, ``TOKEN_CLS``) the task loss's gradients
-      mostly measure the random head, so they are noise. We score instead the Fisher information of the backbone's
-      last hidden state h under a unit-Gaussian observation model, E_g[(d<h, g>/dW)^2] = sum_j (dh_j/dW)^2, estimated
-      with one Gaussian probe vector g per batch: which weights the representation is most sensitive to.
-    * ``"auto"`` (default): ``"task"`` for LM task types when labels are present, else ``"representation"``.
-
-    Returns the importance tensors, keyed by backbone parameter name.
-    """
-    from peft.utils import TaskType
-
-    tuner = peft_model.base_model
-    name = tuner.active_adapter
-    config = tuner.peft_config[name]
-    model = tuner.model
-    params = dict(model.named_parameters())
-    saved_flags = {key: p.requires_grad for key, p in params.items()}
-    importance = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params.values()}
-    was_training = model.training
-    model.eval()
-    try:
-        for p in params.values():
-            p.requires_grad_(True)
-        with tuner.backbone_only(), torch.enable_grad():
-            for batch in iter_batches(dataloader, num_batches):
-                batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
-                use_task = objective == "task" or (
-                    objective == "auto"
-                    and "labels" in batch
-                    and config.task_type in (TaskType.CAUSAL_LM, TaskType.SEQ_2_SEQ_LM)
-                )
-                if use_task:
-                    loss = model(**batch).loss
-                else:
-                    inputs = {k: v for k, v in batch.items() if k != "labels"}
-                    output = model(**inputs, output_hidden_states=True)
-                    states = getattr(output, "decoder_hidden_states", None) or output.hidden_states
-                    last = states[-1]
-                    loss = (last * torch.randn_like(last)).sum()
-                model.zero_grad(set_to_none=True)
-                loss.backward()
-                for p in params.values():
-                    if p.grad is not None:
-                        importance[id(p)] += p.grad.detach().float() ** 2
-    finally:
-        model.zero_grad(set_to_none=True)
-        for key, p in params.items():
-            p.requires_grad_(saved_flags[key])
-        model.train(was_training)
-    tuner.reinitialize_side_network(name, importance=importance)
-    config.init = "fisher"
-    return {key: importance[id(p)] for key, p in params.items()}

@@ -1,14 +1,12 @@
-"""Side network initialisation: the pruning chain, random init, Fisher scores."""
+"""Side network initialisation: the pruning chain and random init."""
 
 from __future__ import annotations
 
 import torch
 import transformers
 from conftest import tiny_model
-from helpers import family_inputs
 from peft import get_peft_model
 
-import peft_ladder
 from peft_ladder import LadderSideConfig
 
 
@@ -51,17 +49,3 @@ def test_random_init_differs_from_pruned():
     q_pruned = pruned.base_model.side_network.stacks[0].blocks[0].attention.self.query.weight
     q_random = random.base_model.side_network.stacks[0].blocks[0].attention.self.query.weight
     assert not torch.allclose(q_pruned, q_random)
-
-
-def test_fisher_init_rescores_the_pruning():
-    model = tiny_model("bert", transformers.AutoModelForSequenceClassification)
-    peft_model = get_peft_model(model, LadderSideConfig(task_type="SEQ_CLS", reduction_factor=4, init="fisher"))
-    query = peft_model.base_model.side_network.stacks[0].blocks[0].attention.self.query.weight
-    magnitude = query.detach().clone()
-    batches = [{**family_inputs("bert", seed=seed), "labels": torch.tensor([0, 1])} for seed in range(2)]
-    scores = peft_ladder.fisher_init_(peft_model, batches, num_batches=2)
-    assert scores["bert.encoder.layer.0.attention.self.query.weight"].abs().sum() > 0
-    assert not torch.equal(query, magnitude)  # new choices from Fisher scores
-    assert peft_model.peft_config["default"].init == "fisher"
-    assert not any(p.requires_grad for p in model.bert.parameters())  # backbone frozen again
-    assert all(p.grad is None for p in model.bert.parameters())
