@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import transformers
@@ -9,6 +11,7 @@ from conftest import tiny_model
 from peft import LoraConfig, get_peft_model
 
 from peft_ladder import LadderGateLogger, LadderSideConfig
+from peft_ladder.ladder import loss, router
 
 
 def lm_dataset(count: int = 24, length: int = 12, seed: int = 0) -> list[dict]:
@@ -193,7 +196,11 @@ WIDE_LLAMA = dict(
 )
 
 
-def test_backbone_graph_free_inside_trainer_with_gradient_checkpointing(tmp_path):
+def test_backbone_graph_free_inside_trainer_with_gradient_checkpointing(tmp_path, monkeypatch):
+    # A real model's logits are far over the loss's one-piece budget, so it chunks them and keeps none: here too.
+    monkeypatch.setattr(
+        router, "chunked_causal_lm_loss", functools.partial(loss.chunked_causal_lm_loss, logits_budget_bytes=0)
+    )
     config = LadderSideConfig(task_type="CAUSAL_LM", reduction_factor=8, output_mode="replace")
     lst_model = get_peft_model(tiny_model("llama", transformers.AutoModelForCausalLM, **WIDE_LLAMA), config)
     lst_bytes, lst_flags = train_counting(lst_model, tmp_path / "lst")
