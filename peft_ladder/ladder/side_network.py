@@ -114,6 +114,9 @@ class SideStack(nn.Module):
             nn.Buffer(torch.full((side_head_dim,), -1, dtype=torch.long)) if uses_rotary and side_head_dim else None
         )
         self._uses_kept_rotary: bool | None = None
+        # True: all ladders run as one batched matmul over the stacked taps (:meth:`ladder_terms`); False: one
+        # Linear call per ladder, the reference the fused path is tested against. Not saved with the adapter.
+        self.fused_ladders = True
 
     def kept_rotary_dims(self) -> torch.Tensor | None:
         """``rotary_dims`` when pruning kept whole rotary pairs, else ``None`` (read once: no device sync per call)."""
@@ -154,15 +157,47 @@ class SideStack(nn.Module):
         )
         hidden = self.dropout(self.stream_down(stream_input))
         mu = self.gates().to(hidden.dtype)
-        for k, (ladder, block) in enumerate(zip(self.ladders, self.blocks)):
-            tap = _rms_normalised(taps[k]) if self.normalise_taps else taps[k]
-            hidden = mu[k] * hidden + (1 - mu[k]) * ladder(tap)
+        # The ladders read only the detached taps, not the side stream, so they all run before the first block.
+        ladder_terms = self.ladder_terms(taps, mu)
+        for k, (mu_k, block) in enumerate(zip(mu.unbind(), self.blocks)):
+            hidden = torch.addcmul(ladder_terms[k], mu_k, hidden)  # mu_k * h + (1 - mu_k) * ladders[k](tap_k)
             if self.generic_blocks:
                 kwargs = {"padding_mask": side_inputs.padding_mask, "cache": find_cache(layer_calls[k])}
             else:
                 kwargs = side_block_kwargs(layer_calls[k], k, side_inputs, self.side_heads, self.rel_embeddings)
             hidden = first_output(block(hidden, **kwargs))
         return self.final_norm(hidden)
+
+    def ladder_terms(self, taps: list[torch.Tensor], mu: torch.Tensor) -> list[torch.Tensor]:
+        """``(1 - mu_k) * ladders[k](tap_k)`` for every tapped layer k, each (B, T, d_s).
+
+        Fused (the default, with two or more ladders of one tap shape): the taps are stacked (with
+        ``ladder_norm="tap"`` normalised together, in place) and every ladder runs in one ``baddbmm`` over the
+        ladders' stacked weights and biases, scaled by ``1 - mu`` in one multiply; the backward is one batched
+        weight-gradient matmul. The stacked taps replace the separate ones in what autograd keeps, so the bytes saved
+        for backward do not grow; the copy costs the taps' size once more only while the forward runs. Same values as
+        one ``Linear`` per ladder, to float rounding. Ladders that are not plain, unhooked ``nn.Linear`` modules (an
+        FSDP unit of their own, a user's forward hook) are called one by one, so that whatever wraps them runs.
+        """
+        shape = taps[0].shape
+        if not (
+            self.fused_ladders
+            and len(taps) > 1
+            and all(tap.shape == shape for tap in taps)
+            and all(_plain_linear(ladder) for ladder in self.ladders)
+        ):
+            return [
+                (1 - mu_k) * ladder(_rms_normalised(tap) if self.normalise_taps else tap)
+                for mu_k, ladder, tap in zip(mu.unbind(), self.ladders, taps)
+            ]
+        stacked = torch.stack(taps)  # (K, B, T, d), a fresh tensor: safe to normalise in place
+        if self.normalise_taps:
+            _rms_normalise_(stacked)
+        weights = [ladder.weight for ladder in self.ladders]
+        biases = [ladder.bias for ladder in self.ladders]
+        terms = _BatchedLinear.apply(stacked.view(len(taps), -1, shape[-1]), *weights, *biases)
+        terms = terms * (1 - mu).view(-1, 1, 1)
+        return terms.view(len(taps), *shape[:-1], -1).unbind()
 
     def last_hidden(
         self,
@@ -180,6 +215,43 @@ class SideStack(nn.Module):
             return base + self.output_gate.to(up.dtype) * up
         combined = backbone_last_layer_output + up
         return backbone_final_norm(combined) if backbone_final_norm is not None else combined
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` whose forward nothing hooks or replaces: calling ``F.linear`` on its weights is calling it."""
+    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+class _BatchedLinear(torch.autograd.Function):
+    """``F.linear(inputs[k], weights[k], biases[k])`` for every k as one ``baddbmm``, with the weights and biases
+    passed one by one, (K, N, d_in) -> (K, N, d_out).
+
+    The backward is one batched matmul for all weight gradients and one sum for all bias gradients. Each gradient
+    comes back as a slice of that one result, already in its parameter's layout and dtype, so accumulating it
+    needs no copy, and under autocast one cast serves every ladder instead of one per weight (an autograd
+    ``torch.stack`` of the weights would hand back transposed slices, each copied into place).
+    """
+
+    @staticmethod
+    def forward(ctx, inputs, *weights_and_biases):
+        count = len(weights_and_biases) // 2
+        weight = torch.stack(weights_and_biases[:count])  # (K, d_out, d_in)
+        bias = torch.stack(weights_and_biases[count:])  # (K, d_out)
+        ctx.save_for_backward(inputs, weight if inputs.requires_grad else None)
+        ctx.dtypes = weight.dtype, bias.dtype
+        return torch.baddbmm(bias.unsqueeze(1), inputs, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs, weight = ctx.saved_tensors
+        count = len(ctx.needs_input_grad) // 2
+        grad_inputs = grad.bmm(weight.to(grad.dtype)) if ctx.needs_input_grad[0] else None
+        grad_weights = grad_biases = [None] * count
+        if any(ctx.needs_input_grad[1 : 1 + count]):
+            grad_weights = grad.transpose(1, 2).bmm(inputs.to(grad.dtype)).to(ctx.dtypes[0]).unbind()
+        if any(ctx.needs_input_grad[1 + count :]):
+            grad_biases = grad.sum(1).to(ctx.dtypes[1]).unbind()
+        return grad_inputs, *grad_weights, *grad_biases
 
 
 class SideRotary:
@@ -230,6 +302,14 @@ def _rms_normalised(tap: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``tap / rms(tap)`` over the hidden dimension, computed in fp32 (outlier dimensions reach 1e4 in bf16 models)."""
     tap32 = tap.float()
     return (tap32 * torch.rsqrt(tap32.pow(2).mean(-1, keepdim=True) + eps)).to(tap.dtype)
+
+
+def _rms_normalise_(taps: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """:func:`_rms_normalised` in place, on a tensor no one else holds: the mean square is reduced in fp32 and the
+    product is computed in fp32 and rounded once to ``taps.dtype``, with no full-size temporary."""
+    mean_square = torch.linalg.vector_norm(taps, dim=-1, keepdim=True, dtype=torch.float32).square_()
+    scale = mean_square.div_(taps.shape[-1]).add_(eps).rsqrt_()
+    return torch.mul(taps, scale, out=taps)
 
 
 class LadderSideNetwork(nn.Module):
