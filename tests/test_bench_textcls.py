@@ -95,3 +95,69 @@ def test_the_paired_example_bootstrap_is_zero_for_equal_methods_and_one_for_a_me
     assert low < 0.5 < high
     with pytest.raises(ValueError, match="same seeds and test examples"):
         stats.paired_example_bootstrap_ci(right, [[True] * 49, [True] * 50])
+
+
+@pytest.fixture(scope="module")
+def imdb_reviews():
+    from benchmarks import assets
+
+    try:
+        return assets.imdb_lm()
+    except assets.AssetMissingError as error:
+        pytest.skip(str(error))
+
+
+def test_imdb_lm_is_split_by_review_disjoint_and_deterministic(imdb_reviews):
+    from benchmarks import assets
+
+    splits = (imdb_reviews.train[0], imdb_reviews.validation[0], imdb_reviews.test[0])
+    assert [len(texts) for texts in splits] == [22414, 1245, 1245]  # 90/5/5 of the 24,904 distinct reviews
+    train, validation, test = (set(texts) for texts in splits)
+    assert len(train) + len(validation) + len(test) == 24904  # every review in exactly one split, none twice
+    assert not (train & validation or train & test or validation & test)
+    # The split every reported figure depends on: pinned, and the same on every call
+    first = [texts[0][:24] for texts in splits]
+    assert first == ["It wasn't notable enough", "I can't come up with app", "Cartoon Network seems to"]
+    assert assets.imdb_lm() == imdb_reviews
+    assert not any("<br />" in text for texts in splits for text in texts)  # line breaks are newlines
+
+
+def test_imdb_lm_blocks_are_the_reviews_joined_by_eos_with_labels_equal_to_inputs(smollm2_dir, imdb_reviews):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    splits = data.load("imdb_lm", tokenizer, train_examples=24, eval_examples=3)  # 128-token blocks by default
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (24, 3, 3)
+    assert splits.metric == "perplexity"
+    for block in splits.train + splits.validation + splits.test:
+        assert block["input_ids"].shape == (128,) and torch.equal(block["labels"], block["input_ids"])
+    assert splits.collator(splits.train[:4])["input_ids"].shape == (4, 128)
+    eos = tokenizer.eos_token_id
+    for blocks, reviews in ((splits.train, imdb_reviews.train[0]), (splits.validation, imdb_reviews.validation[0])):
+        stream = torch.cat([block["input_ids"] for block in blocks]).tolist()
+        expected = []  # each review's tokens, in split order, then the EOS token
+        for review in reviews:
+            expected += [*tokenizer(review, add_special_tokens=False)["input_ids"], eos]
+            if len(expected) >= len(stream):
+                break
+        assert stream == expected[: len(stream)]
+    assert torch.cat([block["input_ids"] for block in splits.train]).eq(eos).sum() >= 3  # several reviews met
+    # a larger cap only adds blocks: a prefix of the blocks is a fixed subset
+    more = data.load("imdb_lm", tokenizer, max_length=128, train_examples=30, eval_examples=1)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(splits.train, more.train, strict=False))
+    assert len(more.train) == 30 and torch.equal(more.test[0]["input_ids"], splits.test[0]["input_ids"])
+
+
+def test_continuation_is_the_greedy_continuation_without_the_prompt(smollm2_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=len(tokenizer)
+    )
+    model = transformers.LlamaForCausalLM(config).train()
+    ids = tokenizer("A fine film", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    prompt_length = ids.shape[1]
+    with torch.no_grad():  # argmax one token at a time, without a cache
+        for _ in range(5):
+            ids = torch.cat([ids, model.eval()(ids).logits[:, -1:].argmax(-1)], dim=1)
+    text = data.continuation(model.train(), tokenizer, "A fine film", max_new_tokens=5)
+    assert text == tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True)
+    assert not model.training
