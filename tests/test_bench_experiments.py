@@ -7,6 +7,7 @@ import types
 import pytest
 import torch
 
+import peft_ladder
 from benchmarks import run, training
 
 
@@ -98,6 +99,70 @@ def test_report_chooses_on_validation_and_summarises_test_over_seeds(tmp_path):
     assert table[2].startswith("| lst | 0.003 | 1,234 | 0.001: 70.0, 0.003: 80.0 | 80.0 ± 10.0 (n=3) |")
     # 81.0 / 80.0 of the test mean kept; paired by seed: +2, 0, +1 points
     assert "| 101.3% of lst; paired diff vs lst 1.00 ± 1.00 (n=3, 95% bootstrap CI over seeds [" in table[3]
+
+
+IMDB_SUITE = {
+    "base", "lora", "lora-all-linear", "full", "lst", "lst-tap-norm", "lst-add-normed", "lst-add-normed-tap-norm",
+    "lst-random-init", "lst-r4", "lst-layer-dropped",
+}  # fmt: skip
+
+
+def test_the_imdb_causal_lm_protocol_compares_lst_with_lora_on_one_budget_and_one_prompt():
+    suite = {experiment.name: experiment.spec for experiment in run.select(["lst_clm_imdb"], {})["lst_clm_imdb"]}
+    assert set(suite) == IMDB_SUITE
+    assert len({json.dumps(spec["sample"]) for spec in suite.values()}) == 1  # every method continues one prompt
+    for name, spec in suite.items():
+        assert spec["model"] == "smollm2" and spec["batch_size"] == 8 and spec["description"]
+        assert spec["data"] == {"dataset": "imdb_lm", "max_length": 128, "train_examples": None, "eval_examples": 128}
+        if name != "base":
+            assert spec["steps"] >= 300 and spec["eval_every"] and spec["seeds"] == [0, 1, 2], name
+            assert 0.05 <= spec["training"]["warmup_steps"] / spec["steps"] <= 0.1, name
+            assert spec.get("extend_grid") or spec["learning_rate"] == {"from": "lst"}, name
+        if spec["method"] == "lst":
+            peft_ladder.LadderSideConfig(task_type="CAUSAL_LM", **spec["config"])
+    assert suite["base"]["steps"] == 0
+    assert suite["lst"]["config"] == {} and suite["lst"]["compare_to"] == "lora"
+    assert suite["lst"]["learning_rate"] == suite["lst-add-normed-tap-norm"]["learning_rate"] == [1e-3, 3e-3, 1e-2]
+    assert suite["lora"]["learning_rate"] == suite["lora-all-linear"]["learning_rate"] == [1e-4, 3e-4, 1e-3]
+    assert suite["full"]["learning_rate"] == [1e-5, 3e-5, 1e-4]
+    assert suite["lora"]["config"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert len(suite["lora-all-linear"]["config"]["target_modules"]) == 7
+    assert suite["lst-add-normed-tap-norm"]["config"] == {"output_mode": "add_normed", "ladder_norm": "tap"}
+    assert suite["lst-layer-dropped"]["config"] == {"side_layers": list(range(1, 30, 2))}
+
+
+def test_a_perplexity_report_chooses_the_lowest_validation_and_lists_the_samples(tmp_path):
+    suite = run.select(["lst_clm_imdb/lst-tap-norm"], {})["lst_clm_imdb"]
+    lst, tap = suite
+    # 3e-3 has the lower (better) validation perplexity although 1e-3 has the better test one
+    _write_runs(tmp_path, lst, [(1e-3, 0, 30.0, 20.0), (3e-3, 0, 25.0, 24.0), (3e-3, 1, 0, 26.0), (3e-3, 2, 0, 25.0)])
+    _write_runs(tmp_path, tap, [(3e-3, 0, 24.0, 23.0), (3e-3, 1, 0, 25.0), (3e-3, 2, 0, 25.0)])
+    for experiment, text in ((lst, " and loved it."), (tap, "\nIt was dull.")):
+        path = tmp_path / experiment.suite / experiment.name / "lr=0.003-seed=0.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "sample": text}))
+    table = run.report(suite, tmp_path).splitlines()
+    assert table[2].startswith("| lst | 0.003 | 1,234 | 0.001: 30.00, 0.003: 25.00 | 25.00 ± 1.00 (n=3) |")
+    assert "| paired diff vs lst -0.67 ± 0.58 (n=3," in table[3] and "% of lst" not in table[3]  # no share kept
+    prompt = json.dumps(lst.spec["sample"]["prompt"])
+    assert table[-2:] == [f'- lst: {prompt} + " and loved it."', f'- lst-tap-norm: {prompt} + "\\nIt was dull."']
+
+
+def test_a_sample_needs_a_prompt_a_length_and_a_language_modelling_dataset(tmp_path):
+    path = tmp_path / "a.json"
+    declaration = {"method": "lst", "learning_rate": [1e-3], "steps": 1, "data": {"dataset": "imdb_lm"}}
+    path.write_text(json.dumps({**declaration, "sample": {"prompt": "It was"}}))
+    with pytest.raises(ValueError, match=r"sample must be an object with exactly \['max_new_tokens', 'prompt'\]"):
+        run.select([str(path)], {})
+    sample = {"prompt": "It was", "max_new_tokens": 4}
+    path.write_text(json.dumps({**declaration, "data": {"dataset": "rotten_tomatoes"}, "sample": sample}))
+    with pytest.raises(ValueError, match="sample needs a language-modelling dataset"):
+        run.select([str(path)], {})
+    path.write_text(json.dumps({**declaration, "data": {"dataset": "imdb"}}))
+    with pytest.raises(ValueError, match=r"unknown dataset 'imdb'; choose from \['hamlet', 'imdb_lm'"):
+        run.select([str(path)], {})
+    path.write_text(json.dumps({**declaration, "sample": sample}))
+    spec = run.select([str(path)], {"smoke": True})[tmp_path.name][-1].spec
+    assert spec["data"]["max_length"] == 32 and spec["sample"]["max_new_tokens"] == 4  # imdb_lm's 128, smoke-capped
 
 
 def test_more_seeds_or_another_reference_keep_the_cached_runs(tmp_path):
