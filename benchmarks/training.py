@@ -2,8 +2,9 @@
 
 A method turns a loaded model into the trainable one through the public API (:func:`apply_method`), :func:`train`
 runs ``Trainer`` (``DistillationTrainer`` when a teacher is given) for a fixed number of optimizer steps, and
-:func:`finalize` gives the model that is evaluated and deployed (Theseus' extracted successor). Benchmarks thus train
-through the same path users take.
+:func:`finalize` gives the model that is evaluated and deployed (Theseus' extracted successor). A Theseus run trains
+with the two-phase recipe of ``docs/theseus.md`` (``train(..., theseus=True)``): ``theseus_optimizers`` and
+``TheseusCallback`` handed to an unmodified ``Trainer``. Benchmarks thus train through the same path users take.
 """
 
 from __future__ import annotations
@@ -69,14 +70,20 @@ class BestOnValidation(transformers.TrainerCallback):
     trainable weights at the best score; :meth:`restore` loads them back once training is over.
 
     ``score(model)`` returns the validation figure; ``higher_is_better`` says which way is better. Only trainable
-    tensors are copied (the side network, LoRA's matrices, a new head): the frozen weights never change. The model is
-    scored in eval mode (a Theseus model then runs its successor alone) and put back in training mode.
+    tensors are copied (the side network, LoRA's matrices, a new head, a Theseus successor): the frozen weights never
+    change. The model is scored in eval mode (a Theseus model then runs its successor alone, the model that
+    ``merge_and_unload()`` extracts) and put back in training mode.
+
+    With ``after_theseus_phase_1`` only checkpoints taken after a Theseus model's phase 1 can be kept, as
+    ``TheseusCallback`` has ``load_best_model_at_end`` choose among successors that trained alone: phase-1 scores stay
+    in :attr:`curve`, and the last step can always be kept (a run planned without a phase 2).
     """
 
-    def __init__(self, score, every: int, higher_is_better: bool):
+    def __init__(self, score, every: int, higher_is_better: bool, after_theseus_phase_1: bool = False):
         if every < 1:
             raise ValueError(f"every must be a positive number of steps, got {every}")
         self.score, self.every, self.higher_is_better = score, every, higher_is_better
+        self.after_theseus_phase_1 = after_theseus_phase_1
         self.curve: list[tuple[int, float]] = []  # (step, validation score), in order
         self.best_step: int | None = None
         self._best_state: dict[str, torch.Tensor] | None = None
@@ -88,6 +95,11 @@ class BestOnValidation(transformers.TrainerCallback):
         value = self.score(model)
         model.train()
         self.curve.append((state.global_step, value))
+        tuner = theseus_tuner(model) if self.after_theseus_phase_1 else None
+        if tuner is not None and state.global_step != state.max_steps:
+            phase_1 = tuner.replacing_steps()
+            if phase_1 is None or state.global_step <= phase_1:
+                return
         best = self.best_value
         if self.best_step is None or (value > best if self.higher_is_better else value < best):
             self.best_step, self._model = state.global_step, model
@@ -107,6 +119,11 @@ class BestOnValidation(transformers.TrainerCallback):
         with torch.no_grad():
             for name, tensor in self._best_state.items():
                 parameters[name].copy_(tensor)
+
+
+def theseus_tuner(model: nn.Module) -> peft_ladder.TheseusModel | None:
+    """The Theseus tuner inside ``model``, or ``None``."""
+    return next((module for module in model.modules() if isinstance(module, peft_ladder.TheseusModel)), None)
 
 
 class _ProgressBarOnly(transformers.trainer_callback.ProgressCallback):
@@ -130,6 +147,7 @@ def train(
     distill: dict | None = None,
     callbacks: list | None = None,
     show_progress: bool = False,
+    theseus: bool = False,
     **training_args,
 ) -> transformers.Trainer:
     """Train ``model`` for ``steps`` optimizer steps with AdamW and linear decay, nothing saved; return the trainer.
@@ -138,6 +156,12 @@ def train(
     ``DistillationTrainingArguments`` fields (temperature, loss weights, layer map). The seed fixes data order and
     dropout; seed the model's own initialisation (e.g. a new head) with ``transformers.set_seed`` before building it.
     Extra keyword arguments go to ``TrainingArguments`` (``weight_decay``, ``warmup_steps``, ...).
+
+    With ``theseus`` (``model`` holds a Theseus adapter) the run is the two-phase recipe a user follows:
+    ``Trainer(optimizers=peft_ladder.theseus_optimizers(model, args))`` (AdamW without decay on biases and norms, a
+    warm-up and linear decay of its own in each phase, ``warmup_steps`` per phase) and
+    ``peft_ladder.TheseusCallback()`` ahead of ``callbacks`` (it plans both phases from ``steps`` when training
+    starts).
     """
     settings = dict(
         output_dir=str(output_dir),
@@ -161,12 +185,23 @@ def train(
         arguments = peft_ladder.DistillationTrainingArguments(**settings, **(distill or {}))
         trainer_class = peft_ladder.DistillationTrainer
     extra = {"teacher_model": teacher} if teacher is not None else {}
+    callbacks = list(callbacks or [])
+    if theseus:
+        if theseus_tuner(model) is None:
+            raise ValueError(
+                f"train(theseus=True) runs the Theseus recipe, but this {type(model).__name__} holds no Theseus "
+                "adapter: wrap it with peft.get_peft_model(model, peft_ladder.TheseusConfig(...)) first, or drop "
+                "theseus=True."
+            )
+        model.to(arguments.device)  # the optimizer is built on the parameters where they will train
+        extra["optimizers"] = peft_ladder.theseus_optimizers(model, arguments)
+        callbacks.insert(0, peft_ladder.TheseusCallback())
     trainer = trainer_class(
         model=model,
         args=arguments,
         train_dataset=train_dataset,
         data_collator=collator,
-        callbacks=callbacks,
+        callbacks=callbacks or None,
         **extra,
     )
     # The caller prints the figures that matter: keep at most the trainer's progress bar, not its log lines.
