@@ -23,6 +23,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import benchmarks  # first: the repository's offline Hugging Face cache
@@ -33,10 +34,14 @@ import transformers
 
 import peft_ladder
 from benchmarks import assets, data, stats, training
+from peft_ladder.theseus.schedule import replacing_rate, split_into_modules
 
 EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
 DEFAULT_RESULTS = Path("runs/results")
 SMOKE_RESULTS = Path("runs/results-smoke")
+# How a Theseus run trains (docs/theseus.md): the adapter's two phases planned from the run's steps, a fresh warm-up
+# and decay per phase, and checkpoints chosen among phase-2 successors.
+THESEUS_RECIPE = "two-phase: theseus_optimizers + TheseusCallback, phase-2 checkpoints"
 FIELDS = {
     "description", "kind", "model", "init_from", "data", "method", "config", "learning_rate", "steps", "batch_size",
     "seeds", "training", "distill", "quantize", "deploy", "save_model", "compare_to", "models", "repeats", "seq_len",
@@ -54,6 +59,8 @@ class Experiment:
     suite: str
     name: str
     spec: dict  # the declaration, with the defaults filled in and the command line's overrides applied
+    # steps {"compute_of": [...]}: the declarations whose compute this one matches (read, not run)
+    references: dict[str, Experiment] = dataclass_field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -82,6 +89,9 @@ def load_experiment(path: Path, overrides: dict) -> Experiment:
                 raise ValueError(f"{path}: a training experiment needs {field!r}")
         if spec["method"] not in training.METHODS:
             raise ValueError(f"{path}: method {spec['method']!r} is not one of {training.METHODS}")
+        _check_steps(path, spec)
+        if spec["method"] == "theseus":  # a record: cached runs of another training path do not match
+            spec.setdefault("recipe", THESEUS_RECIPE)
         if "sample" in spec:
             _check_sample(path, spec)
     elif spec["kind"] != "latency":
@@ -100,10 +110,26 @@ def _check_sample(path: Path, spec: dict) -> None:
         raise ValueError(f"{path}: sample needs a language-modelling dataset (perplexity), not {dataset!r}")
 
 
+def _check_steps(path: Path, spec: dict) -> None:
+    steps = spec["steps"]
+    if isinstance(steps, dict):
+        names = steps.get("compute_of")
+        if set(steps) != {"compute_of"} or not isinstance(names, list) or not names:
+            raise ValueError(
+                f"{path}: steps must be a number or {{'compute_of': [experiment, ...]}} (the layer-passes of those "
+                f"experiments' runs, divided by the layers this model runs per step), got {steps!r}"
+            )
+        if spec["method"] == "theseus":
+            raise ValueError(f"{path}: compute-matched steps need a model of fixed depth; give Theseus a number")
+    elif isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"{path}: steps must be a number of optimizer steps >= 0, got {steps!r}")
+
+
 def _apply_overrides(spec: dict, overrides: dict) -> None:
     """The command line's budget (``--steps``, ``--seeds``, ...), then ``--smoke``'s caps, which win over it."""
     if spec["kind"] == "train":
-        if overrides.get("steps") is not None and spec["steps"] > 0:
+        # compute-matched steps follow from their references, which take the override
+        if overrides.get("steps") is not None and isinstance(spec["steps"], int) and spec["steps"] > 0:
             spec["steps"] = overrides["steps"]
         if overrides.get("seeds") is not None:
             spec["seeds"] = list(overrides["seeds"])
@@ -115,7 +141,8 @@ def _apply_overrides(spec: dict, overrides: dict) -> None:
     if spec["kind"] == "latency":
         spec.update(repeats=SMOKE["repeats"], batch_size=2, seq_len=16)
         return
-    spec["steps"] = min(spec["steps"], SMOKE["steps"])
+    if isinstance(spec["steps"], int):
+        spec["steps"] = min(spec["steps"], SMOKE["steps"])
     spec["batch_size"] = SMOKE["batch_size"]
     spec["seeds"] = spec["seeds"][:1]
     if isinstance(spec["learning_rate"], list):
@@ -167,6 +194,7 @@ def _in_dependency_order(folder: Path, wanted: list[str], overrides: dict) -> li
             if not (folder / f"{stem}.json").is_file():
                 raise ValueError(f"{' -> '.join(trail)} depends on {stem!r}, which is not in {folder}")
             loaded[stem] = load_experiment(folder / f"{stem}.json", overrides)
+            _load_references(folder, loaded[stem], overrides)
         if loaded[stem] not in ordered:
             for dependency in _dependencies(loaded[stem].spec):
                 visit(dependency, (*trail, stem))
@@ -175,6 +203,56 @@ def _in_dependency_order(folder: Path, wanted: list[str], overrides: dict) -> li
     for stem in wanted:
         visit(stem, ())
     return ordered
+
+
+def _load_references(folder: Path, experiment: Experiment, overrides: dict) -> None:
+    """The declarations a compute-matched ``steps`` names, read with the same overrides but not scheduled to run."""
+    steps = experiment.spec.get("steps")
+    for name in steps["compute_of"] if isinstance(steps, dict) else []:
+        if not (folder / f"{name}.json").is_file():
+            raise ValueError(f"{experiment.name}'s steps match the compute of {name!r}, which is not in {folder}")
+        reference = load_experiment(folder / f"{name}.json", overrides)
+        if reference.spec["kind"] != "train" or not isinstance(reference.spec["steps"], int):
+            raise ValueError(
+                f"{experiment.name}'s steps match the compute of {name!r}, which needs a number of steps of its own"
+            )
+        experiment.references[name] = reference
+
+
+def layer_passes(spec: dict, depth: int) -> float:
+    """Layer passes (one layer's forward and backward over one batch) of one run of ``spec`` on a ``depth``-layer
+    model: the unit of compute-matched budgets.
+
+    A step that runs L layers counts L (embeddings and head left out): ``truncate`` runs its ``num_layers``, ``base``
+    trains nothing, a Theseus step runs the layers its draws choose (:func:`theseus_layer_passes`), and any other
+    method all ``depth`` layers.
+    """
+    steps, method = spec["steps"], spec["method"]
+    if method == "base":
+        return 0.0
+    if method == "truncate":
+        return float(steps * spec["config"]["num_layers"])
+    if method == "theseus":
+        return theseus_layer_passes(_with_steps(spec["config"], steps), steps, depth)
+    return float(steps * depth)
+
+
+def theseus_layer_passes(config: dict, steps: int, depth: int) -> float:
+    """Expected layers run over ``steps`` Theseus steps of ``TheseusConfig(**config)`` on ``depth`` layers.
+
+    At rate p a module of s layers runs its successor layer (1 layer) with probability q, its own s layers
+    otherwise; q = p / (1 - (1 - p)^n) when draws that replace none of the n modules are drawn again (the default),
+    else p. The phases are planned over ``steps``, as ``TheseusCallback`` plans them from ``max_steps``.
+    """
+    fields = {key: value for key, value in config.items() if key != "calibration_inputs"}
+    theseus = peft_ladder.TheseusConfig(**{"total_steps": steps, **fields})
+    modules = split_into_modules(depth, theseus.num_successor_layers)
+    total = 0.0
+    for step in range(steps):
+        p = replacing_rate(theseus, step)
+        q = p / (1 - (1 - p) ** len(modules)) if theseus.redraw_if_none_replaced and 0 < p < 1 else p
+        total += sum(q + (1 - q) * len(module) for module in modules)
+    return total
 
 
 def _dependencies(spec: dict) -> list[str]:
@@ -225,6 +303,9 @@ class Runner:
         self.data_json = data_json
         self._data: dict[tuple, data.Splits] = {}
         self._tokenizers: dict[str, object] = {}
+        for experiment in self.experiments.values():
+            if isinstance(experiment.spec.get("steps"), dict):
+                self.match_compute(experiment)
 
     def experiment(self, suite: str, name: str) -> Experiment:
         return self.experiments[f"{suite}/{name}"]
@@ -239,6 +320,21 @@ class Runner:
 
     def base_model(self, spec: dict) -> str:
         return self.resolve(spec["model"])
+
+    def depth(self, spec: dict) -> int:
+        """Layers of the declared model, read from its config."""
+        return transformers.AutoConfig.from_pretrained(self.base_model(spec)).num_hidden_layers
+
+    def match_compute(self, experiment: Experiment) -> None:
+        """Turn ``steps: {"compute_of": [...]}`` into the steps whose layer passes equal those of one run of each
+        named experiment (:func:`layer_passes`), rounded, and record the match under ``steps_matched``."""
+        spec = experiment.spec
+        names = spec["steps"]["compute_of"]
+        references = [experiment.references[name].spec for name in names]
+        total = sum(layer_passes(reference, self.depth(reference)) for reference in references)
+        per_step = spec["config"]["num_layers"] if spec["method"] == "truncate" else self.depth(spec)
+        spec["steps"] = max(1, round(total / per_step))
+        spec["steps_matched"] = {"compute_of": names, "layer_passes": round(total, 1), "layers_per_step": per_step}
 
     def tokenizer(self, spec: dict):
         source = self.resolve(spec.get("tokenizer", spec["model"]))
@@ -326,6 +422,9 @@ class Runner:
         config = _with_steps(spec["config"], spec["steps"])
         if spec["method"] == "theseus":
             config.setdefault("seed", seed)  # the replacement draws
+            if isinstance(config.get("calibration_inputs"), int):  # the fidelity start's batch: the first N examples
+                batch = splits.collator(splits.train[: config["calibration_inputs"]])
+                config["calibration_inputs"] = {name: value for name, value in batch.items() if name != "labels"}
         transformers.set_seed(seed)
         model = training.apply_method(model, spec["method"], config, task_type)
         if quantize and quantize["at"] == "after":  # the side network was built from the full-precision weights
@@ -344,6 +443,7 @@ class Runner:
                 lambda model: data.score(model, splits, splits.validation),
                 every=spec["eval_every"],
                 higher_is_better=splits.metric == "accuracy",
+                after_theseus_phase_1=spec["method"] == "theseus",  # as TheseusCallback has the Trainer choose
             )
         if spec["steps"] > 0:
             trainer = training.train(
@@ -358,12 +458,14 @@ class Runner:
                 teacher=teacher,
                 distill={key: value for key, value in (spec.get("distill") or {}).items() if key != "teacher"},
                 callbacks=[selection] if selection is not None else None,
+                theseus=spec["method"] == "theseus",  # theseus_optimizers and TheseusCallback: both phases
                 **spec["training"],
             )
             last_log = next((entry for entry in reversed(trainer.state.log_history) if "loss" in entry), None)
             if selection is not None:
                 selection.restore()
         seconds = time.perf_counter() - started
+        theseus = theseus_record(model, selection) if spec["method"] == "theseus" and spec["steps"] > 0 else None
         final = training.finalize(model, spec["method"])
         result = dict(
             experiment=experiment.key,
@@ -380,6 +482,8 @@ class Runner:
         )
         if selection is not None:
             result.update(best_step=selection.best_step, validation_curve=selection.curve)
+        if theseus is not None:
+            result["theseus"] = theseus
         if splits.metric == "accuracy":
             result["backbone_linear_bytes"] = training.linear_weight_bytes(final)
             if selection is not None:  # per test example, 1 = right: the report's paired bootstrap over examples
@@ -464,6 +568,24 @@ class Runner:
         for experiment in experiments:
             if experiment.spec["kind"] == "latency":
                 self.latency(experiment)
+
+
+def theseus_record(model, selection) -> dict:
+    """What a Theseus run did, read from its adapter before the successor is extracted: the phase-1 length, the
+    optimizer steps taken and the rate p they ended at (1.0: phase 2 ran), the layers the successor started from,
+    and the phase of the checkpoint scored."""
+    tuner = training.theseus_tuner(model)
+    config = tuner.peft_config[tuner.active_adapter]
+    phase_1 = tuner.replacing_steps()
+    record = dict(
+        phase_1_steps=phase_1,
+        optimizer_steps=int(tuner.active_adapter_module.optimizer_steps),
+        replacing_rate_at_end=tuner.replacing_rate(),
+        successor_sources=config.successor_sources,
+    )
+    if selection is not None and selection.best_step is not None:
+        record["scored_phase"] = 2 if phase_1 is not None and selection.best_step > phase_1 else 1
+    return record
 
 
 def environment() -> dict:
@@ -569,10 +691,21 @@ def report(experiments: list[Experiment], results: Path) -> str:
 
 
 def _versus(experiment: Experiment, tests_by_name: dict, metric: str, correct_by_name: dict) -> str:
-    """Test figure against the ``compare_to`` experiment's: share retained (accuracy) and the paired difference."""
-    reference = experiment.spec.get("compare_to")
-    if not reference or reference not in tests_by_name:
-        return ""
+    """Test figure against each ``compare_to`` experiment's (one name or a list): share retained (accuracy) and the
+    paired difference, one reference per line of the cell."""
+    references = experiment.spec.get("compare_to") or []
+    references = [references] if isinstance(references, str) else references
+    comparisons = [
+        _versus_one(experiment, reference, tests_by_name, metric, correct_by_name)
+        for reference in references
+        if reference in tests_by_name
+    ]
+    return "<br>".join(comparisons)
+
+
+def _versus_one(
+    experiment: Experiment, reference: str, tests_by_name: dict, metric: str, correct_by_name: dict
+) -> str:
     mine, theirs = tests_by_name[experiment.name], tests_by_name[reference]
     paired = [mine[seed] - theirs[seed] for seed in mine if seed in theirs]
     parts = []

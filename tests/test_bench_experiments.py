@@ -6,9 +6,11 @@ import types
 
 import pytest
 import torch
+import transformers
+from conftest import tiny_model
 
 import peft_ladder
-from benchmarks import run, training
+from benchmarks import data, run, training
 
 
 def test_every_declared_experiment_loads_with_its_dependencies_in_the_suite():
@@ -20,8 +22,12 @@ def test_every_declared_experiment_loads_with_its_dependencies_in_the_suite():
             assert set(run._dependencies(experiment.spec)) <= seen, f"{experiment.key} runs before what it needs"
             seen.add(experiment.name)
             if experiment.spec["kind"] == "train":
-                assert experiment.spec["seeds"] and experiment.spec["steps"] >= 0
-                run._with_steps(experiment.spec["config"], experiment.spec["steps"])  # budget arithmetic is valid
+                steps = experiment.spec["steps"]
+                if isinstance(steps, dict):  # compute-matched: the runs it matches are read beside it
+                    assert list(experiment.references) == steps["compute_of"]
+                    continue
+                assert experiment.spec["seeds"] and steps >= 0
+                run._with_steps(experiment.spec["config"], steps)  # budget arithmetic is valid
 
 
 def _spec(suite: str, name: str) -> dict:
@@ -250,3 +256,146 @@ def test_smoke_run_of_each_kind_of_experiment_then_resume_without_training(minil
 
     monkeypatch.setattr(training, "train", no_training)
     assert run.main(["--smoke", "--results", str(tmp_path), *names]) == 0
+
+
+# ---------------------------------------------------------------------------------------------------- Theseus
+PROTOCOL_CELLS = [
+    "theseus-a-schedule-constant",
+    "theseus-a-schedule-linear",
+    "theseus-b-start-fidelity",
+    "theseus-b-start-one-per-module",
+    "theseus-c-kd-logit",
+]
+TARGETS = {"predecessor", "truncation-pretrained-all", "truncation-predecessor"}
+
+
+def test_the_theseus_protocol_declares_its_stages_baselines_and_the_comparisons_its_targets_need():
+    suite = {
+        experiment.name: experiment.spec for experiment in run.select(["theseus_protocol"], {})["theseus_protocol"]
+    }
+    assert [name for name in suite if name.startswith("theseus-")] == PROTOCOL_CELLS
+    for spec in suite.values():
+        assert spec["seeds"] == [0, 1, 2] and spec["eval_every"] and spec["extend_grid"], spec["description"]
+        assert spec["training"]["warmup_steps"] > 0 and len(spec["learning_rate"]) == 3
+    assert suite["predecessor"]["method"] == "full" and suite["predecessor"]["save_model"]
+    strong, paper = suite["truncation-predecessor"], suite["truncation-pretrained-all"]
+    assert strong["init_from"] == "predecessor" and strong["config"] == {"num_layers": 3, "train": "layers"}
+    assert "init_from" not in paper and paper["config"] == {"num_layers": 3, "train": "all"}
+    assert paper["steps"] == {"compute_of": ["predecessor", "theseus-a-schedule-constant"]}
+    for name in PROTOCOL_CELLS:
+        spec = suite[name]
+        assert spec["init_from"] == "predecessor" and spec["steps"] == strong["steps"]  # the strong baseline's steps
+        assert TARGETS <= set(spec["compare_to"]) and spec["recipe"] == run.THESEUS_RECIPE
+        config = run._with_steps(spec["config"], spec["steps"])
+        assert config["total_steps"] == spec["steps"] and config["num_successor_layers"] == 3
+        peft_ladder.TheseusConfig(**{key: value for key, value in config.items() if key != "calibration_inputs"})
+    configs = {name: suite[name]["config"] for name in PROTOCOL_CELLS}
+    assert configs["theseus-a-schedule-linear"]["scheduler"] == "linear"
+    assert configs["theseus-b-start-fidelity"]["successor_init"] == "fidelity"
+    assert configs["theseus-b-start-fidelity"]["calibration_inputs"] == 32  # the first 32 training sentences
+    assert configs["theseus-b-start-one-per-module"]["successor_init"] == "one_per_module"
+    assert configs["theseus-c-kd-logit"]["distill_logit_weight"] == 0.5
+
+
+def test_compute_matched_steps_count_the_layer_passes_of_the_runs_they_match(monkeypatch):
+    # 3 modules of 2 layers; p = 0.5 with redraws replaces a module with probability 4/7: 3 (2 - 4/7) layers a step
+    assert run.theseus_layer_passes({"num_successor_layers": 3}, 4, 6) == pytest.approx(2 * 3 * (2 - 4 / 7) + 2 * 3)
+    independent = {"num_successor_layers": 3, "redraw_if_none_replaced": False}
+    assert run.theseus_layer_passes(independent, 4, 6) == pytest.approx(2 * 3 * 1.5 + 2 * 3)
+    monkeypatch.setattr(run.Runner, "depth", lambda self, spec: 6)  # MiniLM's depth, without reading its config
+    for overrides, predecessor_steps, theseus_steps in (({}, 600, 400), ({"steps": 10}, 10, 10)):
+        suites = run.select(["theseus_protocol/truncation-pretrained-all"], overrides)
+        assert [experiment.name for experiment in suites["theseus_protocol"]] == ["truncation-pretrained-all"]
+        run.Runner(suites, results=None)  # resolves the steps; the matched runs are read, not run
+        spec = suites["theseus_protocol"][-1].spec
+        half = theseus_steps // 2
+        passes = 6 * predecessor_steps + half * 3 * (2 - 4 / 7) + half * 3
+        assert spec["steps"] == round(passes / 3) and spec["steps_matched"]["layers_per_step"] == 3
+    assert run.select(["theseus_protocol/truncation-pretrained-all"], {})["theseus_protocol"][-1].spec["steps"] == {
+        "compute_of": ["predecessor", "theseus-a-schedule-constant"]
+    }
+    with pytest.raises(ValueError, match="steps must be a number or"):
+        run._check_steps("x.json", {"steps": {"compute_of": []}, "method": "truncate"})
+    with pytest.raises(ValueError, match="need a model of fixed depth"):
+        run._check_steps("x.json", {"steps": {"compute_of": ["a"]}, "method": "theseus"})
+
+
+def test_the_report_compares_a_theseus_cell_with_each_reference_it_names(tmp_path):
+    suite = run.select(["theseus_protocol"], {})["theseus_protocol"]
+    by_name = {experiment.name: experiment for experiment in suite}
+    for name, test in (("predecessor", 0.80), ("theseus-a-schedule-constant", 0.79), ("truncation-predecessor", 0.78)):
+        _write_runs(tmp_path, by_name[name], [(2e-4, 0, test, test)])
+    row = next(line for line in run.report(suite, tmp_path).splitlines() if "| theseus-a-schedule-constant |" in line)
+    versus = row.split(" | ")[-1].split("<br>")  # one reference a line; one not run yet is left out
+    assert versus[0].startswith("98.8% of predecessor; paired diff vs predecessor -1.00")
+    assert versus[1].startswith("101.3% of truncation-predecessor; paired diff vs truncation-predecessor 1.00")
+    assert len(versus) == 2
+
+
+def test_a_theseus_run_trains_both_phases_of_the_recipe_and_scores_the_phase_2_checkpoint_it_extracts(
+    tmp_path, monkeypatch
+):
+    tiny_model("bert", transformers.AutoModelForSequenceClassification).save_pretrained(tmp_path / "tiny-bert")
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    declaration = {
+        "model": str(tmp_path / "tiny-bert"),
+        "method": "theseus",
+        "config": {"num_successor_layers": 2, "total_steps": "steps"},
+        "learning_rate": [1e-3],
+        "steps": 8,
+        "batch_size": 4,
+        "eval_every": 2,
+        "training": {"warmup_steps": 0.25},
+        "save_model": True,
+    }
+    (suite / "theseus.json").write_text(json.dumps(declaration))
+    experiment = run.select([str(suite / "theseus.json")], {})["suite"][-1]
+    runner = run.Runner({"suite": [experiment]}, tmp_path / "results")
+    generator = torch.Generator().manual_seed(0)
+
+    def examples(count):
+        rows = torch.randint(3, 100, (count, 6), generator=generator)
+        return [{"input_ids": row.tolist(), "attention_mask": [1] * 6, "labels": int(row[0]) % 2} for row in rows]
+
+    splits = data.Splits(examples(32), examples(16), examples(16), transformers.default_data_collator, "accuracy")
+    monkeypatch.setattr(runner, "splits", lambda spec: splits)
+    trainers, successors, real_score = [], [], data.score
+
+    def recording_train(*args, **kwargs):
+        trainers.append(original_train(*args, **kwargs))
+        return trainers[-1]
+
+    def score(model, splits, split):  # step 2 (phase 1) scores best, then step 6 (phase 2, not the last)
+        if training.theseus_tuner(model) is not None:
+            successors.append([param.detach().clone() for param in model.parameters() if param.requires_grad])
+        return real_score(model, splits, split) + {1: 2.0, 3: 1.0}.get(len(successors), 0.0)
+
+    original_train = training.train
+    monkeypatch.setattr(training, "train", recording_train)
+    monkeypatch.setattr(data, "score", score)
+    result = runner.result(experiment, 1e-3, 0)
+
+    # both phases ran: 4 steps at p = 0.5, then 4 with p = 1, on the recipe's optimizer, schedule and callback
+    assert result["theseus"] == {
+        "phase_1_steps": 4,
+        "optimizer_steps": 8,
+        "replacing_rate_at_end": 1.0,
+        "successor_sources": [[0, 1]],
+        "scored_phase": 2,
+    }
+    trainer = trainers[0]
+    assert isinstance(trainer.lr_scheduler, peft_ladder.TheseusLRSchedule)
+    assert any(isinstance(callback, peft_ladder.TheseusCallback) for callback in trainer.callback_handler.callbacks)
+    logs = [entry for entry in trainer.state.log_history if "learning_rate" in entry]
+    assert [entry["theseus_phase"] for entry in logs] == [1, 1, 1, 1, 2, 2, 2, 2]
+    rates = [entry["learning_rate"] for entry in logs]
+    assert rates[4] > rates[3]  # phase 2 warms up again from a fresh schedule
+    # phase-1 evaluations are in the curve but never kept; the scored model is the best phase-2 checkpoint
+    assert [step for step, _ in result["validation_curve"]] == [2, 4, 6, 8] and result["best_step"] == 6
+    extracted = transformers.AutoModelForSequenceClassification.from_pretrained(
+        runner.run_path(experiment, 1e-3, 0).with_suffix("")
+    )
+    assert extracted.config.num_hidden_layers == 2
+    layers = [param for param in extracted.bert.encoder.layer.parameters()]
+    assert len(layers) == len(successors[2]) and all(map(torch.equal, layers, successors[2]))
