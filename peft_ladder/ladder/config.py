@@ -105,10 +105,12 @@ class LadderSideConfig(PeftConfig):
             pre-norm transformer block (used automatically, with a warning, when the family's block cannot be built at
             side width).
         compile_side (`bool`):
-            Compile each side block with `torch.compile` (`nn.Module.compile`, weights and checkpoint keys
-            unchanged). The side blocks are small and launch-bound at small batch sizes, which compilation fixes on
-            GPU. Equivalent to calling `peft_ladder.compile_side_network(peft_model)` after `get_peft_model`.
-            Defaults to `False`.
+            Run each side stack (ladders, gates, side blocks, final norm) as one `torch.compile` graph, compiled
+            with `torch.compile`'s defaults at the first call it serves: training, and other calls without a KV
+            cache. Calls with a KV cache (`generate()`) run the side network eager. Weights and checkpoint keys are
+            unchanged. Equivalent to calling `peft_ladder.compile_side_network(peft_model)` after `get_peft_model`,
+            which also takes `torch.compile`'s options (`backend`, `mode="reduce-overhead"` for CUDA graphs,
+            `dynamic`). Defaults to `False`.
         backbone_shape (`Optional[dict]`):
             Filled in when the adapter is created (model type, hidden size, layers per stack) and checked when it is
             loaded, so that loading onto a base model of another type or shape fails with both named. Not set by
@@ -166,7 +168,9 @@ class LadderSideConfig(PeftConfig):
         default="backbone",
         metadata={"help": "Side block type: the backbone's own class, or a generic pre-norm block."},
     )
-    compile_side: bool = field(default=False, metadata={"help": "torch.compile each side block."})
+    compile_side: bool = field(
+        default=False, metadata={"help": "torch.compile each side stack as one graph (calls without a KV cache)."}
+    )
     backbone_shape: Optional[dict] = field(
         default=None, metadata={"help": "Recorded base-model shape (set automatically, checked on load)."}
     )

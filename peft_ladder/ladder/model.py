@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 
 import torch
@@ -26,7 +27,7 @@ from transformers.models.auto import modeling_auto
 from .._tuner import ModuleTuner
 from ..backbone import BackboneInfo, UnsupportedModelError, float_reference, inspect_backbone, probe_inputs
 from .init import pruned_init_, trace_block_steps
-from .router import LadderRouter, supports_chunked_loss
+from .router import LadderRouter, compiled_side_call, supports_chunked_loss
 from .side_builder import StackPlan, build_side_network, check_finite, plan_stacks
 from .side_network import LadderSideNetwork
 
@@ -90,10 +91,8 @@ class LadderSideModel(ModuleTuner):
         network = self._new_side_network(model, config, info, plans, tapped, config.side_block)
         if not _is_empty(network):
             network = self._first_forward_or_fallback(model, config, info, plans, tapped, network)
-        if config.compile_side:
-            for stack in network.stacks:
-                for block in stack.blocks:
-                    block.compile()
+        if config.compile_side:  # after the probe forward above, which then ran eager (and compiled nothing)
+            _set_compile_options(network, {})
         if network.stacks and all(stack.generic_blocks for stack in network.stacks):
             # A fallback (at build time or at the first forward) is recorded, so that the saved config names the
             # blocks its weights belong to: a reload whose first forward succeeds would otherwise build the family's
@@ -326,17 +325,44 @@ def _empty_weights():
 
 
 def compile_side_network(peft_model, **compile_kwargs) -> None:
-    """Compile every side block of every adapter with ``torch.compile`` (in place, via ``nn.Module.compile``).
+    """Run each side stack of every adapter as one ``torch.compile`` graph: ladders, gates, side blocks, final norm.
 
-    Weights, checkpoint keys and outputs are unchanged; the side blocks are small and launch-bound at small batch
-    sizes, which compilation fixes on GPU (our calibration: 1.15x -> 0.74x of LoRA's step time at batch 4). Keyword
-    arguments go to ``torch.compile`` (``mode=``, ``dynamic=``, ``backend=``). Same as ``compile_side=True`` in the
-    config.
+    In place: the modules, weights and checkpoint keys are unchanged (``save_pretrained`` writes the same adapter),
+    and the graph is compiled at the first call it serves. Calls without a KV cache use it: training, and forwards
+    with ``use_cache=False`` or of encoders. Calls with one (``generate()``) run the side network eager, so
+    generation compiles nothing per layer or per token. A seq2seq model compiles its side encoder and side decoder
+    as two graphs.
+
+    Keyword arguments go to ``torch.compile``: ``backend=`` (default ``"inductor"``), ``mode=``, ``dynamic=``,
+    ``fullgraph=``, ``options=``. ``mode="reduce-overhead"`` replays the graph as CUDA graphs, against the launch
+    overhead of many small side blocks at small batch sizes (CUDA only; a loop that keeps one call's outputs past
+    the next call marks its steps with ``torch.compiler.cudagraph_mark_step_begin()``). ``dynamic=None`` (the
+    default) compiles for the first input shapes and once more, shape-generic, when they first change;
+    ``dynamic=True`` compiles shape-generic at once (batch size 1, on which the compiler always specialises,
+    compiles its own graph in both); ``dynamic=False`` compiles once per shape.
+    Stacks of one structure (adapters of one config, a deep copy of the model) share their graphs. All graphs count
+    against one ``torch._dynamo.config.recompile_limit`` (8 by default; beyond it the side network runs eager): each
+    new combination of stack structure, shapes, train/eval mode and grad mode is one. ``compile_side=True`` in the
+    config is this call with no keyword arguments.
+
+    Raises ``TypeError`` for a keyword ``torch.compile`` does not take, and ``torch.compile``'s own error for a bad
+    ``mode``, ``backend`` or ``options``, before anything changes.
     """
     tuner = getattr(peft_model, "base_model", peft_model)
     if not isinstance(tuner, LadderSideModel):
         raise TypeError(f"compile_side_network needs a Ladder side-tuning PeftModel, got {type(peft_model).__name__}.")
+    accepted = [name for name in inspect.signature(torch.compile).parameters if name != "model"]
+    unknown = sorted(set(compile_kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"compile_side_network got {', '.join(unknown)}, which torch.compile does not take; it takes "
+            f"{', '.join(accepted)}."
+        )
+    compiled_side_call(compile_kwargs)  # builds the torch.compile wrapper: a bad mode or backend raises here
     for network in tuner.adapter_modules.values():
-        for stack in network.stacks:
-            for block in stack.blocks:
-                block.compile(**compile_kwargs)
+        _set_compile_options(network, compile_kwargs)
+
+
+def _set_compile_options(network: LadderSideNetwork, options: dict) -> None:
+    for stack in network.stacks:
+        stack.compile_options = dict(options)

@@ -13,7 +13,8 @@ a seq2seq model runs the same body path once per stack, encoder first):
             h_i      (B, T, d)   the output of every tapped layer i
             calls_i  dict        the other arguments layer i received (masks, rotary cos/sin, cache, ...)
             h_L      (B, T, d)   the last layer's raw output, before the final norm
-       2. the side network, with grad (peft_ladder.ladder.side_network.SideStack.forward):
+       2. the side network, with grad (peft_ladder.ladder.side_network.SideStack.forward; one torch.compile graph
+          when compiled, see run_side_stack):
             h = dropout(stream_down(x_0))                                  (B, T, d_s)
             for k, i in enumerate(tapped layers):
                 mu_k = sigmoid(alpha_k / T_gate)                           scalar gate, 0.5 at init
@@ -45,6 +46,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -58,7 +60,7 @@ except ImportError:
     FSDPModule = DTensor = ()
 
 from .loss import chunked_causal_lm_loss
-from .side_network import LadderSideNetwork, SideInputs, SideRotary, first_output
+from .side_network import LadderSideNetwork, SideInputs, SideRotary, SideStack, find_cache, first_output
 
 if TYPE_CHECKING:
     from .side_builder import StackPlan
@@ -151,7 +153,7 @@ class LadderRouter:
         )
         taps = [capture.taps[index] for index in stack.tapped_layers]
         with _compute_dtype(stack, capture.stream_input):
-            side_output = stack(capture.stream_input, taps, layer_calls, side_inputs)
+            side_output = run_side_stack(stack, capture.stream_input, taps, layer_calls, side_inputs)
             if stack.up is None:  # a seq2seq side encoder: its output travels to the side decoder, not the head
                 if state is not None:
                     state.side_encoder_states = side_output
@@ -219,6 +221,46 @@ def check_gathered(stack: nn.Module, body: nn.Module) -> None:
         "unit); or gather the adapter and generate from an unsharded model that loads it. If fully_shard was called "
         "on the side network itself, shard its blocks instead (`peft_model.fsdp_units()`)."
     )
+
+
+def run_side_stack(
+    stack: SideStack, stream_input: torch.Tensor, taps: list, layer_calls: list[dict], side_inputs: SideInputs
+) -> torch.Tensor:
+    """``stack(stream_input, taps, layer_calls, side_inputs)``: as one compiled graph when the stack is compiled
+    (``stack.compile_options``, set by :func:`peft_ladder.compile_side_network`) and the call carries no KV cache,
+    eagerly otherwise.
+
+    The compiled region starts at the stack's call, so the ladders, gate mixing, every side block and the final
+    norm are one graph, and the per-block arguments (``layer_calls``, ``side_inputs``) are traced as its inputs. A
+    call with a KV cache (generation) runs eager: the blocks append to and read the backbone's cache object, which
+    the compiler would guard on per layer slot and per decode step, recompiling per layer and per token.
+    """
+    if stack.compile_options is None or find_cache(layer_calls[0]) is not None:
+        return stack(stream_input, taps, layer_calls, side_inputs)
+    return compiled_side_call(stack.compile_options)(stack, stream_input, taps, layer_calls, side_inputs)
+
+
+def _call_side_stack(stack: SideStack, *args) -> torch.Tensor:
+    return stack(*args)
+
+
+_COMPILED_SIDE_CALLS: list[tuple[dict, Callable]] = []
+
+
+def compiled_side_call(options: dict) -> Callable:
+    """``torch.compile(stack(...), **options)``, built once per distinct ``options`` and shared by every stack.
+
+    Compiled code is cached per Python code object, so all side stacks share the graphs compiled for
+    ``_call_side_stack``, whichever wrapper they call it through; the wrappers are kept here so that a forward does
+    not build one. The options are kept on the stacks (plain values: a deep copy or a pickle of the model keeps them,
+    and the copy runs through the same wrapper).
+    """
+    for known, compiled in _COMPILED_SIDE_CALLS:
+        if known == options:
+            return compiled
+    compiled = torch.compile(_call_side_stack, **options)
+    _COMPILED_SIDE_CALLS.append((dict(options), compiled))
+    return compiled
 
 
 class StackCapture:

@@ -53,6 +53,10 @@ class SideInputs:
 class SideStack(nn.Module):
     """The side network beside one backbone layer stack."""
 
+    # torch.compile options while the stack runs as one compiled graph (peft_ladder.compile_side_network, run by
+    # peft_ladder.ladder.router.run_side_stack); None: eager. Not saved with the adapter.
+    compile_options: dict | None = None
+
     def __init__(
         self,
         backbone_width: int,
