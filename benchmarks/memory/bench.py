@@ -4,10 +4,11 @@ Examples::
 
     python -m benchmarks.memory --model bert-base --methods lst,lora,full --batch-sizes 8,32 --seq-len 128 --plot
     python -m benchmarks.memory --model tiny-llama --steps 1 --estimate
+    python -m benchmarks.memory --model tiny-llama --methods lst,lst-compile --batch-sizes 1,4 --kind inference
     python -m benchmarks.memory --suite gpu-llama3b     # the Llama-3.2-3B-shaped GPU comparison (gpu_llama3b.sh)
 
-Every cell (one method at one batch size) is written to ``<output>/bench.json`` as soon as it finishes, so a run that
-is cut short keeps the figures it has.
+Every cell (one method at one batch size, training or inference) is written to ``<output>/bench.json`` as soon as it
+finishes, so a run that is cut short keeps the figures it has.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from . import presets, report
 from .methods import DEFAULT_METHODS, METHODS
 
 # The GPU comparison: Llama-3.2-3B shape, bf16, sequence 768, AdamW. Cells in priority order: a run cut short still
-# has the headline comparison (LoRA vs LST at batch 16, then at batch 4) before the extra baselines.
+# has the headline comparison (LoRA vs LST at batch 16, then at batch 4) before the extra baselines. A cell is
+# (method, batch size) for training, (method, batch size, "inference") for forward and generation timings against
+# the base model.
 SUITES = {
     "gpu-llama3b": {
         "model": "llama-3.2-3b",
@@ -50,9 +53,22 @@ SUITES = {
             ("lora-chunked", 4),
             ("lora-gc", 4),
             ("lst-int8", 16),
+            ("lst", 1, "inference"),
+            ("lst", 4, "inference"),
+            ("lora", 1, "inference"),
+            ("lora", 4, "inference"),
+            ("lst-cudagraphs", 4),
+            ("lst-cudagraphs", 16),
+            ("lst-compile", 1, "inference"),
+            ("lst-compile", 4, "inference"),
+            ("lst-cudagraphs", 1, "inference"),
+            ("lst-cudagraphs", 4, "inference"),
         ],
     },
 }
+
+
+KINDS = ("train", "inference")
 
 
 def _csv(text: str) -> list[str]:
@@ -70,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per cell (median reported)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps before timing")
     parser.add_argument("--baseline", default="lora", help="method the ratios divide by (default lora)")
+    parser.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="train",
+        help="cells of --methods/--batch-sizes: train, or inference (forward and generation against the base model)",
+    )
+    parser.add_argument(
+        "--generate-tokens", type=int, default=None, help="new tokens per timed generate() in inference cells (32)"
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default=None,
+        help="run every torch.compile on this backend instead (aot_eager: a CPU dry run without code generation)",
+    )
     parser.add_argument("--output", type=Path, default=None, help="output directory (default runs/bench-<time>)")
     parser.add_argument("--plot", action="store_true", help="also write bench.png")
     parser.add_argument("--estimate", action="store_true", help="predict each cell's peak memory from the config")
@@ -96,18 +126,23 @@ def _settings(args) -> dict:
         "steps": args.steps if args.steps is not None else suite.get("steps", 3),
         "warmup": args.warmup if args.warmup is not None else suite.get("warmup", 1),
         "baseline": args.baseline,
+        "generate_tokens": args.generate_tokens if args.generate_tokens is not None else 32,
+        "compile_backend": args.compile_backend,
     }
     if args.methods or args.batch_sizes or not suite:
         methods = args.methods or list(DEFAULT_METHODS)
         batch_sizes = args.batch_sizes or [4]
-        cells = [(method, batch) for batch in batch_sizes for method in methods]
+        extra = () if args.kind == "train" else (args.kind,)
+        cells = [(method, batch, *extra) for batch in batch_sizes for method in methods]
     else:
         cells = list(suite["cells"])
-    unknown = sorted({method for method, _ in cells} - set(METHODS))
+    unknown = sorted({cell[0] for cell in cells} - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     if settings["steps"] < 1:
         raise SystemExit("--steps must be at least 1")
+    if settings["generate_tokens"] < 0:
+        raise SystemExit("--generate-tokens must be 0 (no generation timings) or more")
     settings["cells"] = cells
     return settings
 
@@ -133,9 +168,10 @@ def run_bench(args) -> dict:
         f"{settings['device']} [{document['environment']['hardware']}] -> {json_path}",
         flush=True,
     )
-    for method, batch_size in settings["cells"]:
-        cell = {"method": method, "batch_size": batch_size, "status": "ok"}
-        if args.estimate:
+    for method, batch_size, *rest in settings["cells"]:
+        kind = rest[0] if rest else "train"
+        cell = {"method": method, "batch_size": batch_size, "kind": kind, "status": "ok"}
+        if args.estimate and kind == "train":  # the estimate models training steps
             estimate = estimate_cell(settings["model"], method, batch_size, settings["seq_len"], settings["dtype"])
             # CUDA's max_memory_allocated includes the weights; the CPU figure is RSS above the loaded model.
             estimate["compared_bytes"] = estimate.get("peak_bytes" if on_cuda else "peak_above_model_bytes")
@@ -151,12 +187,17 @@ def run_bench(args) -> dict:
                 device=settings["device"],
                 steps=settings["steps"],
                 warmup=settings["warmup"],
+                kind=kind,
+                generate_tokens=settings["generate_tokens"],
+                compile_backend=settings["compile_backend"],
             )
             if on_cuda or args.in_process:
                 result = run_cell(cell_settings)
             else:
                 result = run_cell_isolated(cell_settings, args.cell_timeout)
             cell.update(asdict(result))
+        elif kind != "train":
+            cell.update(status="skipped", reason="--no-measure: an inference cell has no estimate")
         else:
             cell.update(
                 status=cell["estimate"]["status"],
@@ -172,7 +213,7 @@ def run_bench(args) -> dict:
         report.add_ratios(document["cells"], settings["baseline"])
         report.write_json(json_path, document)
         print(
-            f"  done: {method} batch {batch_size}: {cell['status']}"
+            f"  done: {method} batch {batch_size}{'' if kind == 'train' else f' ({kind})'}: {cell['status']}"
             + (f" ({cell.get('reason')})" if cell["status"] != "ok" else ""),
             flush=True,
         )

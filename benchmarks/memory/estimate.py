@@ -13,12 +13,14 @@ from . import presets
 from .measure import DTYPES
 from .methods import METHODS, MethodUnavailable, training_loss
 
+COMPILED_LST = ("lst-compile", "lst-cudagraphs")
+
 
 def estimate_cell(model_name: str, method_name: str, batch_size: int, seq_len: int, dtype: str) -> dict:
     """``{"method", "batch_size", "status", "reason"}`` plus the fields of :class:`peft_ladder.MemoryEstimate`."""
     cell = {"method": method_name, "batch_size": batch_size, "status": "ok", "reason": None}
     # torch.compile cannot trace meta tensors; compiling fuses kernels but keeps the same tensors for backward.
-    method = METHODS["lst" if method_name == "lst-compile" else method_name]
+    method = METHODS["lst" if method_name in COMPILED_LST else method_name]
     spec = presets.resolve(model_name)
     reason = method.unavailable("cuda")  # estimates are for the GPU, where every backend can exist
     if method_name in ("qlora", "lst-nf4", "lst-int8"):

@@ -42,11 +42,20 @@ def environment(device: str) -> dict:
     }
 
 
+def _kind(cell: dict) -> str:
+    return cell.get("kind") or "train"
+
+
 def add_ratios(cells: list[dict], baseline: str) -> None:
-    """Each cell's peak memory and step time divided by the baseline method's at the same batch size."""
-    reference = {cell["batch_size"]: cell for cell in cells if cell["method"] == baseline and cell["status"] == "ok"}
+    """Each cell's peak memory and step time divided by the baseline method's at the same batch size and kind
+    (training or inference)."""
+    reference = {
+        (_kind(cell), cell["batch_size"]): cell
+        for cell in cells
+        if cell["method"] == baseline and cell["status"] == "ok"
+    }
     for cell in cells:
-        base = reference.get(cell["batch_size"])
+        base = reference.get((_kind(cell), cell["batch_size"]))
         ok = cell["status"] == "ok" and base is not None
         cell["memory_vs_baseline"] = (
             cell["peak_memory_bytes"] / base["peak_memory_bytes"] if ok and base["peak_memory_bytes"] else None
@@ -79,9 +88,10 @@ def _params(cell: dict) -> str:
     return f"{cell['trainable_params'] / 1e6:.2f}M ({share:.2f}%)"
 
 
-def _inference_overhead(cell: dict) -> str:
-    """Eval forward time with the adapter over the same forward with it disabled."""
-    with_adapter, base = cell.get("inference_time_s"), cell.get("base_inference_time_s")
+def _overhead(cell: dict, key: str) -> str:
+    """Eval forward (``key="inference"``) or generate() (``"generate"``) time with the adapter over the same call with
+    it disabled."""
+    with_adapter, base = cell.get(f"{key}_time_s"), cell.get(f"base_{key}_time_s")
     return _ratio(with_adapter / base) if with_adapter and base else "-"
 
 
@@ -89,24 +99,30 @@ def table(cells: list[dict], baseline: str) -> str:
     """A fixed-width table; skipped and failed cells show their reason."""
     headers = ["method", "batch", "peak memory", f"vs {baseline}", "step time", f"vs {baseline}", "trainable"]
     headers.append("inference vs base")
+    with_generation = any(cell.get("generate_time_s") for cell in cells)
+    if with_generation:
+        headers.append("generation vs base")
     with_estimate = any(cell.get("estimate") for cell in cells)
     if with_estimate:
         headers += ["estimate", "est. error"]
     rows = []
     for cell in cells:
+        name = cell["method"] if _kind(cell) == "train" else f"{cell['method']} ({_kind(cell)})"
         if cell["status"] != "ok":
-            row = [cell["method"], str(cell["batch_size"]), f"{cell['status']}: {cell.get('reason') or ''}"]
+            row = [name, str(cell["batch_size"]), f"{cell['status']}: {cell.get('reason') or ''}"]
         else:
             row = [
-                cell["method"],
+                name,
                 str(cell["batch_size"]),
                 _size(cell["peak_memory_bytes"]),
                 _ratio(cell.get("memory_vs_baseline")),
                 "-" if cell.get("step_time_s") is None else f"{1000 * cell['step_time_s']:.1f} ms",
                 _ratio(cell.get("time_vs_baseline")),
                 _params(cell),
-                _inference_overhead(cell),
+                _overhead(cell, "inference"),
             ]
+            if with_generation:
+                row.append(_overhead(cell, "generate"))
         if with_estimate and cell["status"] == "ok":
             estimate = cell.get("estimate") or {}
             error = cell.get("estimate_error")
@@ -132,6 +148,7 @@ def plot(cells: list[dict], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     figure, (memory_axis, time_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    cells = [cell for cell in cells if _kind(cell) == "train"]  # inference cells have no training step
     methods = list(dict.fromkeys(cell["method"] for cell in cells))
     for method in methods:
         points = sorted((c["batch_size"], c) for c in cells if c["method"] == method and c["status"] == "ok")
