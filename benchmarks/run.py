@@ -45,7 +45,7 @@ THESEUS_RECIPE = "two-phase: theseus_optimizers + TheseusCallback, phase-2 check
 FIELDS = {
     "description", "kind", "model", "init_from", "data", "method", "config", "learning_rate", "steps", "batch_size",
     "seeds", "training", "distill", "quantize", "deploy", "save_model", "compare_to", "models", "repeats", "seq_len",
-    "tokenizer", "eval_every", "extend_grid", "sample",
+    "tokenizer", "eval_every", "extend_grid", "fisher", "sample",
 }  # fmt: skip
 # max_length defaults per dataset: data.DEFAULT_MAX_LENGTH
 DATA_DEFAULTS = {"dataset": "rotten_tomatoes", "train_examples": None, "eval_examples": None}
@@ -427,6 +427,12 @@ class Runner:
                 config["calibration_inputs"] = {name: value for name, value in batch.items() if name != "labels"}
         transformers.set_seed(seed)
         model = training.apply_method(model, spec["method"], config, task_type)
+        if spec.get("fisher"):  # LST's Fisher init: scores from the first training examples, in a seeded order
+            order = torch.Generator().manual_seed(seed)
+            loader = torch.utils.data.DataLoader(
+                splits.train, batch_size=spec["batch_size"], shuffle=True, generator=order, collate_fn=splits.collator
+            )
+            peft_ladder.fisher_init_(model, loader, **spec["fisher"])
         if quantize and quantize["at"] == "after":  # the side network was built from the full-precision weights
             peft_ladder.quantize(model.get_base_model(), quantize["scheme"])
         teacher = None
