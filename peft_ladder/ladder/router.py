@@ -10,7 +10,8 @@ a seq2seq model runs the same body path once per stack, encoder first):
     _body_forward:
        1. the original body under torch.no_grad(), with forward hooks (StackCapture) that keep, detached:
             x_0      (B, T, d)   what layer 0 received: the embeddings as the blocks see them
-            h_i      (B, T, d)   the output of every tapped layer i
+            h_i      (B, T, d)   the output of every tapped layer i; when the stack's ladders run fused, written as
+                                  it is produced into one (K, B, T, d) buffer of all K taps, which they read as is
             calls_i  dict        the other arguments layer i received (masks, rotary cos/sin, cache, ...)
             h_L      (B, T, d)   the last layer's raw output, before the final norm
        2. the side network, with grad (peft_ladder.ladder.side_network.SideStack.forward; one torch.compile graph
@@ -138,7 +139,8 @@ class LadderRouter:
         check_gathered(stack, plan.body)
         # 1. The backbone, frozen and graph-free; hooks keep what the side network reads.
         backbone_mode = _eval_mode(plan.body) if not stack.backbone_dropout else contextlib.nullcontext()
-        with StackCapture(plan, stack.tapped_layers) as capture, torch.no_grad(), backbone_mode:
+        capture = StackCapture(plan, stack.tapped_layers, stack_taps=stack.fuses_ladders())
+        with capture, torch.no_grad(), backbone_mode:
             output = original(*args, **kwargs)
         # 2. The side network, with grad.
         state = self._state.get()
@@ -151,7 +153,9 @@ class LadderRouter:
             layer0_output=capture.layer0_output,
             padding_mask=_padding_mask(kwargs.get("attention_mask")),
         )
-        taps = [capture.taps[index] for index in stack.tapped_layers]
+        taps = capture.stacked_taps()
+        if taps is None:
+            taps = [capture.taps[index] for index in stack.tapped_layers]
         with _compute_dtype(stack, capture.stream_input):
             side_output = run_side_stack(stack, capture.stream_input, taps, layer_calls, side_inputs)
             if stack.up is None:  # a seq2seq side encoder: its output travels to the side decoder, not the head
@@ -224,7 +228,11 @@ def check_gathered(stack: nn.Module, body: nn.Module) -> None:
 
 
 def run_side_stack(
-    stack: SideStack, stream_input: torch.Tensor, taps: list, layer_calls: list[dict], side_inputs: SideInputs
+    stack: SideStack,
+    stream_input: torch.Tensor,
+    taps: list[torch.Tensor] | torch.Tensor,
+    layer_calls: list[dict],
+    side_inputs: SideInputs,
 ) -> torch.Tensor:
     """``stack(stream_input, taps, layer_calls, side_inputs)``: as one compiled graph when the stack is compiled
     (``stack.compile_options``, set by :func:`peft_ladder.compile_side_network`) and the call carries no KV cache,
@@ -237,6 +245,10 @@ def run_side_stack(
     """
     if stack.compile_options is None or find_cache(layer_calls[0]) is not None:
         return stack(stream_input, taps, layer_calls, side_inputs)
+    if isinstance(taps, torch.Tensor):
+        # The number of taps is fixed per stack. A dynamic size there would share its symbol with an equal batch
+        # size or length (dynamo gives equal sizes one symbol) and specialise it with the stack's depth.
+        torch._dynamo.mark_static(taps, 0)
     return compiled_side_call(stack.compile_options)(stack, stream_input, taps, layer_calls, side_inputs)
 
 
@@ -264,9 +276,18 @@ def compiled_side_call(options: dict) -> Callable:
 
 
 class StackCapture:
-    """Forward hooks on one stack for one call: the stream input, tapped outputs and call arguments, detached."""
+    """Forward hooks on one stack for one call: the stream input, tapped outputs and call arguments, detached.
 
-    def __init__(self, plan: StackPlan, tapped: list[int], keep_inputs: bool = False):
+    With ``stack_taps`` each tapped output is copied, as its layer returns it, into one (K, B, T, d) buffer, slot k
+    for ``tapped[k]``, allocated in the first tapped output's shape, dtype and device; ``taps[i]`` is then a view of
+    its slot, and the backbone's own output tensors are not kept (the last layer's excepted, as ``last_output``), so
+    the buffer is the taps' only copy. :meth:`stacked_taps` hands it to the fused ladders, which read it without stacking
+    (:meth:`SideStack.ladder_terms`) and may normalise it in place: nothing else reads it. A tapped output whose
+    shape, dtype or device differs from the first one's is kept as a separate tensor and ends the buffer
+    (``stacked_taps()`` is then ``None``; the slots already written stay valid views).
+    """
+
+    def __init__(self, plan: StackPlan, tapped: list[int], keep_inputs: bool = False, stack_taps: bool = False):
         self.plan = plan
         self.tapped = set(tapped)
         self.keep_inputs = keep_inputs  # also the hidden states each tapped layer received (diagnostics only)
@@ -276,7 +297,31 @@ class StackCapture:
         self.calls: dict[int, dict] = {}  # every argument but the hidden states, by name
         self.last_output: torch.Tensor | None = None
         self.layer0_output: tuple | None = None
+        self._slots = {index: k for k, index in enumerate(tapped)} if stack_taps and len(tapped) > 1 else None
+        self._stacked: torch.Tensor | None = None
         self._handles = []
+
+    def stacked_taps(self) -> torch.Tensor | None:
+        """The (K, B, T, d) buffer of all taps in ``tapped`` order, or ``None`` when there is none or it is not whole
+        (no ``stack_taps``, a single tap, taps of different shapes, or a tapped layer that did not run)."""
+        if self._slots is None or self._stacked is None or len(self.taps) != len(self._slots):
+            return None
+        return self._stacked
+
+    def _keep_tap(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        if self._slots is None:
+            return hidden
+        if self._stacked is None:
+            if self.taps:  # the buffer ended at an earlier tap
+                return hidden
+            self._stacked = hidden.new_empty((len(self._slots), *hidden.shape))
+        buffer = self._stacked
+        if buffer.shape[1:] != hidden.shape or buffer.dtype != hidden.dtype or buffer.device != hidden.device:
+            self._stacked = None  # taps of another shape: the ladders run one by one
+            return hidden
+        slot = buffer[self._slots[index]]
+        slot.copy_(hidden)
+        return slot
 
     def __enter__(self) -> StackCapture:
         layers = self.plan.layers
@@ -295,8 +340,9 @@ class StackCapture:
         def keep_output(index, module, args, kwargs, output):
             hidden = first_output(output).detach()
             if index in self.tapped:
-                self.taps[index] = hidden
+                self.taps[index] = self._keep_tap(index, hidden)
             if index == last:
+                # the layer's own output, never a buffer slot: the buffer may be normalised in place
                 self.last_output = hidden
             if index == 0 and isinstance(output, tuple):
                 self.layer0_output = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in output)

@@ -143,7 +143,7 @@ class SideStack(nn.Module):
     def forward(
         self,
         stream_input: torch.Tensor,
-        taps: list[torch.Tensor],
+        taps: list[torch.Tensor] | torch.Tensor,
         layer_calls: list[dict],
         side_inputs: SideInputs,
     ) -> torch.Tensor:
@@ -151,7 +151,8 @@ class SideStack(nn.Module):
 
         Args:
             stream_input: what backbone layer 0 received, (B, T, d): the embeddings as the blocks see them.
-            taps: ``taps[k]`` is the output of backbone layer ``tapped_layers[k]``, (B, T, d), detached.
+            taps: ``taps[k]`` is the output of backbone layer ``tapped_layers[k]``, (B, T, d), detached; a list, or
+                all of them stacked in one (K, B, T, d) tensor, which the stack then owns (see :meth:`ladder_terms`).
             layer_calls: ``layer_calls[k]`` holds the keyword arguments backbone layer ``tapped_layers[k]`` received;
                 side block k gets the same ones, at side width (:func:`side_block_kwargs`).
             side_inputs: the side-width replacements, computed once for the stack.
@@ -172,34 +173,44 @@ class SideStack(nn.Module):
             hidden = first_output(block(hidden, **kwargs))
         return self.final_norm(hidden)
 
-    def ladder_terms(self, taps: list[torch.Tensor], mu: torch.Tensor) -> list[torch.Tensor]:
+    def fuses_ladders(self) -> bool:
+        """Whether :meth:`ladder_terms` runs the ladders as one batched matmul for taps of one shape: with
+        ``fused_ladders``, two or more ladders, and every ladder a plain, unhooked ``nn.Linear``."""
+        return self.fused_ladders and len(self.ladders) > 1 and all(_plain_linear(ladder) for ladder in self.ladders)
+
+    def ladder_terms(self, taps: list[torch.Tensor] | torch.Tensor, mu: torch.Tensor) -> list[torch.Tensor]:
         """``(1 - mu_k) * ladders[k](tap_k)`` for every tapped layer k, each (B, T, d_s).
 
-        Fused (the default, with two or more ladders of one tap shape): the taps are stacked (with
-        ``ladder_norm="tap"`` normalised together, in place) and every ladder runs in one ``baddbmm`` over the
-        ladders' stacked weights and biases, scaled by ``1 - mu`` in one multiply; the backward is one batched
-        weight-gradient matmul. The stacked taps replace the separate ones in what autograd keeps, so the bytes saved
-        for backward do not grow; the copy costs the taps' size once more only while the forward runs. Same values as
-        one ``Linear`` per ladder, to float rounding. Ladders that are not plain, unhooked ``nn.Linear`` modules (an
-        FSDP unit of their own, a user's forward hook) are called one by one, so that whatever wraps them runs.
+        ``taps`` is a list of (B, T, d) taps, or the taps already stacked in one (K, B, T, d) tensor (what the router
+        passes: the buffer the capture hooks wrote each tap into). A stacked tensor is the stack's to change: with
+        ``ladder_norm="tap"`` the fused path normalises it in place, so the caller must not read it afterwards.
+
+        Fused (:meth:`fuses_ladders`, taps of one shape): every ladder runs in one ``baddbmm`` over the stacked taps
+        and the ladders' stacked weights and biases, scaled by ``1 - mu`` in one multiply; the backward is one batched
+        weight-gradient matmul. A list of taps is stacked into a fresh tensor first (a copy, the taps' size, alive
+        with them while the forward runs); a stacked tensor is read as it is, with no copy. With
+        ``ladder_norm="tap"`` the stacked taps are normalised together, in place. Either way the stacked taps replace
+        the separate ones in what autograd keeps, so the bytes saved for backward do not grow. Same values as one
+        ``Linear`` per ladder, to float rounding. Otherwise (ladders that are an FSDP unit of their own or carry a
+        user's hook, whose wrappers must run; a single ladder; taps of different shapes) each ladder is called on its
+        tap, normalised out of place, so a stacked tensor is left unchanged.
         """
+        stacked = taps if isinstance(taps, torch.Tensor) else None
+        if stacked is not None:
+            taps = stacked.unbind()
         shape = taps[0].shape
-        if not (
-            self.fused_ladders
-            and len(taps) > 1
-            and all(tap.shape == shape for tap in taps)
-            and all(_plain_linear(ladder) for ladder in self.ladders)
-        ):
+        if not (self.fuses_ladders() and all(tap.shape == shape for tap in taps)):
             return [
                 (1 - mu_k) * ladder(_rms_normalised(tap) if self.normalise_taps else tap)
                 for mu_k, ladder, tap in zip(mu.unbind(), self.ladders, taps)
             ]
-        stacked = torch.stack(taps)  # (K, B, T, d), a fresh tensor: safe to normalise in place
+        if stacked is None:
+            stacked = torch.stack(taps)  # (K, B, T, d), a fresh tensor: safe to normalise in place
         if self.normalise_taps:
             _rms_normalise_(stacked)
         weights = [ladder.weight for ladder in self.ladders]
         biases = [ladder.bias for ladder in self.ladders]
-        terms = _BatchedLinear.apply(stacked.view(len(taps), -1, shape[-1]), *weights, *biases)
+        terms = _BatchedLinear.apply(stacked.reshape(len(taps), -1, shape[-1]), *weights, *biases)
         terms = terms * (1 - mu).view(-1, 1, 1)
         return terms.view(len(taps), *shape[:-1], -1).unbind()
 

@@ -2,7 +2,8 @@
 same gradient of every trainable parameter, and proof that each fast path runs.
 
 - Fused ladders (``SideStack.fused_ladders``): every ladder of a stack in one batched matmul, against one ``Linear``
-  call per ladder; for an encoder, a decoder and both stacks of T5.
+  call per ladder; for an encoder, a decoder and both stacks of T5. The matmul reads the one buffer the capture hooks
+  wrote the taps into, not a stacked copy.
 - The causal-LM loss in one piece when its logits fit ``logits_budget_bytes``, against the chunked, checkpointed loss
   (decoders only: the router computes the loss itself only for models that take ``logits_to_keep``).
 
@@ -22,11 +23,12 @@ from conftest import tiny_model
 from helpers import family_inputs
 from peft import get_peft_model
 from reference.lst_reference import seeded_side_init_
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from peft_ladder import LadderSideConfig
 from peft_ladder.ladder import loss as loss_module
-from peft_ladder.ladder import router
+from peft_ladder.ladder import router, side_network
 
 CASES = {
     "bert": (transformers.AutoModelForSequenceClassification, "SEQ_CLS"),
@@ -116,6 +118,21 @@ def saved_bytes(peft_model, inputs: dict) -> int:
     return sum(storages.values())
 
 
+def forward_peak_bytes(peft_model, inputs: dict) -> int:
+    """The most bytes one training forward holds at once beyond what existed before it, from the CPU allocator's
+    allocation and free events as the profiler records them."""
+    torch.manual_seed(0)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        loss = peft_model(**inputs).loss
+    events = [event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda event: event.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    del loss
+    return peak
+
+
 # ---------------------------------------------------------------------------------------------- fused ladders
 @pytest.mark.parametrize("ladder_norm", ["none", "tap"])
 @pytest.mark.parametrize("family", list(CASES))
@@ -134,6 +151,43 @@ def test_fused_ladders_match_one_linear_per_ladder(family, ladder_norm):
     assert fused_calls.calls["aten.baddbmm"] - reference_calls.calls["aten.baddbmm"] == len(stacks(peft_model))
     assert sum(fused_calls.calls.values()) < sum(reference_calls.calls.values())
     assert fused_bytes <= saved_bytes(peft_model, inputs)
+
+
+@pytest.mark.parametrize("ladder_norm", ["none", "tap"])
+@pytest.mark.parametrize("family", list(CASES))
+def test_fused_ladders_read_the_buffer_the_capture_wrote_the_taps_into(family, ladder_norm, monkeypatch):
+    """No stacked copy of the taps beside them: the batched matmul's input is the storage every tap was written to,
+    so the forward holds the taps once."""
+    peft_model = build(family, ladder_norm=ladder_norm)
+    captured, read = [], []
+    real_exit, real_apply = router.StackCapture.__exit__, side_network._BatchedLinear.apply
+
+    def exit_and_record(capture, *exc_info):
+        captured.append({tap.untyped_storage().data_ptr() for tap in capture.taps.values()})
+        return real_exit(capture, *exc_info)
+
+    def apply_and_record(inputs, *weights_and_biases):
+        read.append(inputs.untyped_storage().data_ptr())
+        return real_apply(inputs, *weights_and_biases)
+
+    monkeypatch.setattr(router.StackCapture, "__exit__", exit_and_record)
+    monkeypatch.setattr(side_network._BatchedLinear, "apply", apply_and_record)
+    step(peft_model, training_batch(family))
+    assert len(read) == len(stacks(peft_model))  # T5: the side encoder, then the side decoder
+    assert captured == [{storage} for storage in read]
+
+
+@pytest.mark.parametrize("ladder_norm", ["none", "tap"])
+def test_the_fused_forward_peaks_no_higher_than_one_linear_per_ladder(ladder_norm):
+    """Stacking the taps beside the capture's separate ones raised the forward's peak by the taps' size."""
+    peft_model = build("llama", ladder_norm=ladder_norm)
+    inputs = family_inputs("llama", length=64)
+    inputs["labels"] = inputs["input_ids"].clone()
+    forward_peak_bytes(peft_model, inputs)  # anything allocated once, on the first call, out of the way
+    fused = forward_peak_bytes(peft_model, inputs)
+    for stack in stacks(peft_model):
+        stack.fused_ladders = False
+    assert fused <= forward_peak_bytes(peft_model, inputs)
 
 
 def test_fused_ladders_under_bf16_autocast_cast_once_for_all_ladders():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,8 +11,10 @@ import transformers
 from conftest import tiny_model
 from helpers import family_inputs
 from peft import get_peft_model
+from torch import nn
 
 from peft_ladder import LadderSideConfig
+from peft_ladder.ladder.router import StackCapture
 
 
 def test_backbone_graph_free_even_with_input_require_grads():
@@ -109,3 +112,49 @@ def test_side_attention_dropout_is_off_by_default_and_none_keeps_the_backbones_r
         model, LadderSideConfig(task_type="SEQ_CLS", reduction_factor=4, side_attention_dropout=None)
     )
     assert backbones.base_model.side_network.stacks[0].blocks[0].attention.self.dropout.p == 0.1
+
+
+class _Layer(nn.Module):
+    """A stand-in backbone layer: (B, T, any width) -> (B, T, ``width``), a fresh tensor."""
+
+    def __init__(self, width: int, offset: float):
+        super().__init__()
+        self.width, self.offset = width, offset
+
+    def forward(self, hidden_states, scale=1.0):
+        return hidden_states.mean(-1, keepdim=True).repeat(1, 1, self.width) * scale + self.offset
+
+
+def _capture(widths: list[int], tapped: list[int], stack_taps: bool = True):
+    layers = nn.ModuleList(_Layer(width, offset) for offset, width in enumerate(widths))
+    outputs, hidden = [], torch.randn(2, 3, 4)
+    with StackCapture(SimpleNamespace(layers=layers), tapped, stack_taps=stack_taps) as capture:
+        for layer in layers:
+            hidden = layer(hidden, scale=2.0)
+            outputs.append(hidden)
+    assert not any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
+    return capture, outputs
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def test_the_capture_writes_the_taps_into_one_buffer_and_keeps_the_last_output_apart():
+    capture, outputs = _capture([4, 4, 4, 4], tapped=[1, 2, 3])
+    stacked = capture.stacked_taps()
+    assert torch.equal(stacked, torch.stack(outputs[1:]))
+    assert all(_storage(capture.taps[index]) == _storage(stacked) for index in (1, 2, 3))
+    assert not stacked.requires_grad and capture.calls[2] == {"scale": 2.0}
+    # the last layer's own output, which the "add" output reads: the buffer may be normalised in place
+    assert torch.equal(capture.last_output, outputs[3]) and _storage(capture.last_output) != _storage(stacked)
+
+
+def test_the_capture_keeps_separate_taps_without_stack_taps_for_one_tap_or_for_taps_of_different_shapes():
+    capture, outputs = _capture([4, 4, 4, 4], tapped=[1, 2, 3], stack_taps=False)
+    assert capture.stacked_taps() is None
+    assert all(_storage(capture.taps[index]) == _storage(outputs[index]) for index in (1, 2, 3))
+    assert _capture([4, 4, 4, 4], tapped=[2])[0].stacked_taps() is None
+    capture, outputs = _capture([4, 4, 8, 8], tapped=[1, 2, 3])  # the ladders then run one Linear each
+    assert capture.stacked_taps() is None
+    assert all(torch.equal(capture.taps[index], outputs[index]) for index in (1, 2, 3))
