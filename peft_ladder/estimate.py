@@ -15,11 +15,26 @@ Peak memory is then modelled as::
 Gradients and activations rarely coexist at full size: ``zero_grad(set_to_none=True)`` frees the gradients before
 the next forward, and the backward frees activations as it creates gradients. The backward transient is the
 incoming and the outgoing gradient of the op that kept the largest tensor (in practice log-softmax over the fp32
-logits), both born while that tensor is still alive. The optimizer is AdamW (two states per trainable parameter).
+logits), both born while that tensor is still alive. Only tensors on the gradient path (that require grad) count
+for it: a tensor kept only for a weight gradient, such as LST's detached taps, has no gradient of its own size.
+The optimizer is AdamW (two states per trainable parameter).
 
-The model is for a GPU: on an H200 it lands within 1% of ``torch.cuda.max_memory_allocated`` for LoRA and full
-fine-tuning of a Llama-3.2-3B shape. Tensors kept inside a gradient-checkpointed region are invisible to the trace,
-so with gradient checkpointing the estimate is a lower bound.
+The causal-LM loss of LST (and any loss through :func:`peft_ladder.ladder.chunked_causal_lm_loss`) is traced as
+the library runs it, so the estimate follows its two regimes. When the fp32 logits of the labelled tokens fit in
+its ``logits_budget_bytes`` (256 MiB by default), the loss is one piece and its logits are kept for the backward:
+they are in ``activations_bytes`` and ``logits_bytes``, and set the backward transient like any kept tensor. Beyond
+the budget the loss is computed in checkpointed chunks and no logits are kept (``logits_bytes`` is 0); the backward
+recomputes one chunk at a time, so each chunk's saved tensors (its fp32 logits) come back with the two gradients
+of the largest, and the backward transient is the larger of that and the two gradients above. Every position of
+the estimate's batch counts as labelled (PyTorch cannot count a mask's non-zero entries on the meta device), so the
+loss is traced over batch x length tokens where the shifted loss sees batch x (length - 1): the kept logits are
+over-counted by one position per sequence, and within that margin of the budget the estimate chunks where
+training keeps the logits in one piece.
+
+The model is for a GPU: on an H200 it lands within 1% of ``torch.cuda.max_memory_allocated`` for LoRA, LoRA with
+this chunked loss, and full fine-tuning of a Llama-3.2-3B shape. Tensors kept inside any other checkpointed region
+(gradient checkpointing of the layers) are invisible to the trace, so with gradient checkpointing the estimate is a
+lower bound.
 """
 
 from __future__ import annotations
@@ -29,6 +44,7 @@ import copy
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 import torch.fx.experimental._config
@@ -37,6 +53,7 @@ from peft import LoraConfig, PeftConfig, TaskType, get_peft_model
 from torch import nn
 
 from .ladder import LadderSideConfig
+from .ladder import loss as ladder_loss
 
 TASKS = ("causal-lm", "seq-cls")
 METHODS = ("full", "lora", "lst")
@@ -67,7 +84,9 @@ class MemoryEstimate:
     gradients_bytes: int
     optimizer_states_bytes: int
     activations_bytes: int  # everything autograd keeps for backward, logits included
-    logits_bytes: int  # the part of activations whose last dimension is the vocabulary (causal LMs)
+    # the part of activations whose last dimension is the vocabulary (causal LMs; 0 when the loss runs in chunks)
+    logits_bytes: int
+    # the gradients born at the start of the backward, or a recomputed chunk of the loss with its gradients
     backward_transient_bytes: int
     peak_above_model_bytes: int
     peak_bytes: int
@@ -133,36 +152,68 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _kept_tensors(model: nn.Module, batch: dict[str, torch.Tensor], loss: Callable) -> list[torch.Tensor]:
-    """Every distinct non-parameter tensor autograd saves during one training forward on meta tensors."""
+@dataclass
+class _Saved:
+    """The distinct non-parameter tensors autograd saved in one traced region, and which are on the gradient path."""
+
+    tensors: dict[int, torch.Tensor]
+    graded: set[int]
+
+    def largest_graded_bytes(self) -> int:
+        return max((_nbytes(self.tensors[key]) for key in self.graded), default=0)
+
+    def total_bytes(self) -> int:
+        return sum(_nbytes(tensor) for tensor in self.tensors.values())
+
+
+def _kept_tensors(model: nn.Module, batch: dict[str, torch.Tensor], loss: Callable) -> tuple[_Saved, list[_Saved]]:
+    """Every distinct non-parameter tensor autograd saves during one training forward on meta tensors; and, for each
+    checkpointed chunk of :func:`peft_ladder.ladder.chunked_causal_lm_loss`, those the chunk saves when the backward
+    recomputes it (each chunk runs once, un-checkpointed, under hooks of its own)."""
     parameter_ids = {id(p) for p in model.parameters()}
-    kept: dict[int, torch.Tensor] = {}
+    kept = _Saved({}, set())
+    recomputed: list[_Saved] = []
 
-    def pack(tensor: torch.Tensor):
-        base = tensor if tensor._base is None else tensor._base
-        if id(base) not in parameter_ids and not isinstance(base, nn.Parameter):
-            kept[id(base)] = base
-        return tensor
+    def saving_into(saved: _Saved) -> Callable:
+        def pack(tensor: torch.Tensor):
+            base = tensor if tensor._base is None else tensor._base
+            key = id(base)
+            if key not in parameter_ids and not isinstance(base, nn.Parameter) and key not in kept.tensors:
+                saved.tensors[key] = base
+                if tensor.requires_grad or base.requires_grad:
+                    saved.graded.add(key)
+            return tensor
 
-    # Boolean indexing (e.g. dropping ignored labels) needs nonzero(), whose meta output size is unknowable; every
-    # label in the estimate's batch is valid, so "all nonzero" is exact here.
+        return pack
+
+    def recorded_checkpoint(function, *args, use_reentrant=None, preserve_rng_state=True, **kwargs):
+        chunk = _Saved({}, set())
+        with torch.autograd.graph.saved_tensors_hooks(saving_into(chunk), lambda tensor: tensor):
+            output = function(*args, **kwargs)
+        recomputed.append(chunk)
+        return output
+
+    # Boolean indexing (e.g. dropping ignored labels) needs nonzero(), whose meta output size is unknowable; "all
+    # nonzero" counts every position of the estimate's batch as labelled (see the module docstring).
     with (
         torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True),
-        torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+        mock.patch.object(ladder_loss, "checkpoint", recorded_checkpoint),
+        torch.autograd.graph.saved_tensors_hooks(saving_into(kept), lambda tensor: tensor),
     ):
         loss(model, batch)
-    return list(kept.values())
+    return kept, recomputed
 
 
-def _trace(model, batch, loss, compute_dtype: torch.dtype) -> tuple[list[torch.Tensor], int]:
-    """Kept tensors, plus the bytes of autocast weight copies when the model computes under autocast."""
+def _trace(model, batch, loss, compute_dtype: torch.dtype) -> tuple[_Saved, list[_Saved], int]:
+    """Kept and recomputed tensors (:func:`_kept_tensors`), plus the bytes of autocast weight copies when the model
+    computes under autocast."""
     try:
-        return _kept_tensors(model, batch, loss), 0
+        return *_kept_tensors(model, batch, loss), 0
     except RuntimeError as error:
         if "autocast" not in str(error) or "meta" not in str(error):
             raise
     with _emulated_autocast(model, compute_dtype) as autocast_copies_bytes:
-        return _kept_tensors(model, batch, loss), autocast_copies_bytes
+        return *_kept_tensors(model, batch, loss), autocast_copies_bytes
 
 
 def _config(model: str | os.PathLike | transformers.PretrainedConfig) -> transformers.PretrainedConfig:
@@ -283,7 +334,7 @@ def estimate_memory(
         input_ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
         labels = input_ids if task == "causal-lm" else torch.zeros(batch_size, dtype=torch.long)
     try:
-        kept, autocast_copies_bytes = _trace(
+        kept, recomputed, autocast_copies_bytes = _trace(
             built, {"input_ids": input_ids, "labels": labels}, loss or _default_loss, dtype
         )
     except (RuntimeError, NotImplementedError) as error:
@@ -297,13 +348,17 @@ def estimate_memory(
     trainable = [p for p in parameters if p.requires_grad]
     gradients_bytes = sum(_nbytes(p) for p in trainable)
     optimizer_states_bytes = 2 * gradients_bytes  # AdamW: exp_avg and exp_avg_sq, in the parameter's dtype
-    activations_bytes = sum(_nbytes(t) for t in kept) + autocast_copies_bytes
+    activations_bytes = kept.total_bytes() + autocast_copies_bytes
     # a classifier has no vocabulary-wide logits (and an MLP may happen to be as wide as the vocabulary)
     vocab = getattr(config.get_text_config(), "vocab_size", None) if task == "causal-lm" else None
-    largest_kept = max((_nbytes(t) for t in kept), default=0)
-    # The op that saved the largest tensor (log-softmax over the fp32 logits, for an LM) runs its backward while that
-    # tensor is alive, holding its incoming and its outgoing gradient, each the same size.
-    backward_transient_bytes = 2 * largest_kept
+    # The op that saved the largest tensor on the gradient path (log-softmax over the fp32 logits, for an LM) runs its
+    # backward while that tensor is alive, holding its incoming and its outgoing gradient, each the same size. A
+    # checkpointed chunk of the loss, recomputed in the backward, holds what it saves (its fp32 logits) and the same
+    # two gradients of its own.
+    backward_transient_bytes = max(
+        [2 * kept.largest_graded_bytes()]
+        + [chunk.total_bytes() + 2 * chunk.largest_graded_bytes() for chunk in recomputed]
+    )
     # The foreach AdamW step creates about one parameter-sized temporary list besides the gradients.
     optimizer_step = 2 * gradients_bytes
     peak_above_model = optimizer_states_bytes + max(activations_bytes + backward_transient_bytes, optimizer_step)
@@ -317,7 +372,7 @@ def estimate_memory(
         gradients_bytes=gradients_bytes,
         optimizer_states_bytes=optimizer_states_bytes,
         activations_bytes=activations_bytes,
-        logits_bytes=sum(_nbytes(t) for t in kept if vocab and t.dim() and t.shape[-1] == vocab),
+        logits_bytes=sum(_nbytes(t) for t in kept.tensors.values() if vocab and t.dim() and t.shape[-1] == vocab),
         backward_transient_bytes=backward_transient_bytes,
         peak_above_model_bytes=peak_above_model,
         peak_bytes=weights_bytes + peak_above_model,

@@ -1,5 +1,6 @@
 """`python -m benchmarks.memory`: the JSON schema, every CPU method reporting numbers, estimate mode, the chart."""
 
+import functools
 import json
 import math
 
@@ -86,15 +87,24 @@ def test_cpu_cells_run_in_fresh_subprocesses_and_measure_rss_above_the_model(tmp
         assert cell["trainable_params"] == cell["estimate"]["trainable_params"] == 5_812  # LST r=8 on tiny-llama
 
 
-def test_estimate_cell_uses_the_bench_recipes_and_skips_what_has_no_meta_trace():
+def test_estimate_cell_uses_the_bench_recipes_and_skips_what_has_no_meta_trace(monkeypatch):
     config = presets.PRESETS["tiny-llama"]()
     lora = estimate.estimate_cell("tiny-llama", "lora", batch_size=2, seq_len=16, dtype="float32")
     assert lora["status"] == "ok" and lora["task"] == "causal-lm"
     # the bench's LoRA is r=32 on q_proj (64 -> 64) and v_proj (64 -> 32) of each of the 4 layers
-    assert lora["trainable_params"] == 4 * 32 * (64 + 64 + 64 + 32)
-    assert lora["logits_bytes"] == 2 * 16 * config.vocab_size * 4  # fp32 logits of every position
+    logits_bytes = 2 * 16 * config.vocab_size * 4  # fp32 logits of every position
+    assert lora["trainable_params"] == 4 * 32 * (64 + 64 + 64 + 32) and lora["logits_bytes"] == logits_bytes
+    # LST's loss: the logits of these 32 tokens fit its budget, so they are computed in one piece and kept (the
+    # estimate counts every position as labelled)
     chunked = estimate.estimate_cell("tiny-llama", "lora-chunked", batch_size=2, seq_len=16, dtype="float32")
-    assert chunked["logits_bytes"] == 0 and chunked["trainable_params"] == lora["trainable_params"]
+    assert chunked["logits_bytes"] == logits_bytes and chunked["trainable_params"] == lora["trainable_params"]
+    # beyond the budget: checkpointed chunks keep no logits, and the backward recomputes one chunk (its logits and
+    # their two gradients, and the chunk's targets)
+    over_budget = functools.partial(methods.chunked_causal_lm_loss, logits_budget_bytes=0)
+    monkeypatch.setattr(methods, "chunked_causal_lm_loss", over_budget)
+    chunked = estimate.estimate_cell("tiny-llama", "lora-chunked", batch_size=2, seq_len=16, dtype="float32")
+    assert chunked["logits_bytes"] == 0
+    assert chunked["backward_transient_bytes"] == pytest.approx(3 * logits_bytes, rel=1e-2)
     for method, reason in (("qlora", "quantized weights"), ("theseus", "needs real values")):
         cell = estimate.estimate_cell("tiny-llama", method, batch_size=2, seq_len=16, dtype="float32")
         assert cell["status"] == "skipped" and reason in cell["reason"]

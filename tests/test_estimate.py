@@ -62,12 +62,44 @@ def test_lora_trains_exactly_the_hand_counted_adapter(estimates):
     assert lora.gradients_bytes == 4 * adapter and lora.optimizer_states_bytes == 8 * adapter
 
 
-def test_lst_keeps_no_full_logits_and_needs_less_than_lora_which_needs_less_than_full(estimates):
+def test_lst_keeps_logits_that_fit_its_budget_and_needs_less_than_lora_which_needs_less_than_full(estimates):
     full, lora, lst = estimates["full"], estimates["lora"], estimates["lst"]
-    assert lst.logits_bytes == 0  # LST's causal-LM loss runs through the head in checkpointed chunks
-    assert lora.logits_bytes == full.logits_bytes
+    # LST's loss keeps the fp32 logits of its labelled tokens when they fit its budget (every position of the
+    # estimate's batch counts as labelled); transformers' loss keeps those of every position
+    assert lst.logits_bytes == lora.logits_bytes == full.logits_bytes == BATCH * SEQ * VOCAB * 4
     assert lst.activations_bytes < lora.activations_bytes / 2  # the frozen backbone keeps nothing for backward
     assert lst.peak_bytes < lora.peak_bytes < full.peak_bytes
+
+
+@pytest.mark.parametrize(("batch_size", "seq_len", "chunked"), [(2, 1024, False), (1, 2049, True), (4, 1024, True)])
+def test_lst_logits_beyond_the_budget_are_chunked_and_one_recomputed_chunk_is_the_backward_transient(
+    batch_size, seq_len, chunked
+):
+    """At a 32k vocabulary the 256 MiB budget holds the fp32 logits of 2,048 tokens; beyond it the loss runs in
+    checkpointed chunks of 1,024 tokens, and the backward holds one recomputed chunk's logits and their two
+    gradients."""
+    config = tiny_llama()
+    config.vocab_size = 32_768
+    lst = estimate_memory(config, "lst", batch_size=batch_size, seq_len=seq_len, dtype="float32")
+    logits_bytes = batch_size * seq_len * config.vocab_size * 4
+    if chunked:
+        chunk_logits_bytes = 1024 * config.vocab_size * 4  # (and the chunk's 1,024 targets, a few KiB)
+        assert lst.logits_bytes == 0
+        assert lst.backward_transient_bytes == pytest.approx(3 * chunk_logits_bytes, rel=1e-4)
+    else:
+        assert logits_bytes == 256 * 2**20
+        assert lst.logits_bytes == logits_bytes and lst.backward_transient_bytes == 2 * logits_bytes
+
+
+def test_detached_tensors_kept_for_a_weight_gradient_set_no_backward_transient():
+    """LST's fused ladders keep all taps as one (K, B, T, d) tensor for their weight gradient; no gradient of that
+    size exists in the backward, so the transient stays that of the largest tensor on the gradient path."""
+    config = tiny_llama()
+    config.vocab_size = 128
+    lst = estimate_memory(config, "lst", batch_size=BATCH, seq_len=SEQ, dtype="float32")
+    logits_bytes = BATCH * SEQ * config.vocab_size * 4
+    assert LAYERS * BATCH * SEQ * WIDTH * 4 == 2 * logits_bytes  # the stacked taps, the largest kept tensor
+    assert lst.backward_transient_bytes == 2 * logits_bytes  # the logits' two gradients
 
 
 def test_bf16_halves_the_weights_and_a_peft_config_or_callable_is_accepted():
