@@ -114,7 +114,7 @@ class Method:
     description: str
     prepare: Callable  # (model, spec) -> trainable model; raises MethodUnavailable when it cannot run here
     unavailable: Callable[[str], str | None] = lambda device: None  # device -> reason it cannot run, or None
-    chunked_loss: bool = False  # compute the LM loss in checkpointed chunks so full logits never exist
+    chunked_loss: bool = False  # the LM loss as LST computes it: in one piece within the logits budget, else chunks
 
 
 METHODS = {
@@ -151,8 +151,9 @@ def training_loss(model: torch.nn.Module, method: Method, batch: dict[str, torch
     """The loss one training step of ``method`` backpropagates.
 
     With ``chunked_loss`` the (PEFT-wrapped) ``*ForCausalLM`` body runs alone and the next-token loss goes through
-    its LM head in checkpointed chunks (``peft_ladder.ladder.chunked_causal_lm_loss``, as LST's own training does),
-    so the full logits never exist.
+    its LM head through ``peft_ladder.ladder.chunked_causal_lm_loss``, as LST's own training does: in one piece when
+    the fp32 logits of the labelled tokens fit in its budget, else in checkpointed chunks, so the full logits never
+    exist.
     """
     if not method.chunked_loss:
         return model(**batch).loss
