@@ -6,7 +6,9 @@ One run shows, with numbers measured in this run:
 2. **LoRA and full fine-tuning** on the same data and step budget: test accuracy, trainable parameters, and peak
    training memory and median step time (each method in a fresh process on identical batches, as ratios to full
    fine-tuning: absolute times on a shared CPU mean little).
-3. **BERT-of-Theseus** compresses the fully fine-tuned model from 6 layers to 3: accuracy retained, inference speed-up.
+3. **BERT-of-Theseus** compresses the fully fine-tuned model from 6 layers to 3 with the two-phase recipe of
+   ``docs/theseus.md`` (the config's defaults, ``theseus_optimizers`` and ``TheseusCallback``): accuracy retained (the
+   share of the predecessor's test accuracy), inference speed-up.
 4. **int8** quantization of the compressed model: size and latency.
 5. A table in the terminal, and ``results.json`` and ``summary.png`` under ``runs/demo-<timestamp>/``.
 
@@ -35,11 +37,14 @@ from benchmarks.data import Splits, accuracy, load
 from benchmarks.memory import presets
 from benchmarks.memory.measure import CellSettings, run_cell_isolated
 from benchmarks.memory.methods import METHODS
-from benchmarks.training import in_memory_bytes, latencies, train
+from benchmarks.training import in_memory_bytes, latencies, theseus_tuner, train
 
 FINETUNE_METHODS = ("lst", "lora", "full")
-# Learning rates per method (LST wants about 10x a LoRA rate, 3e-3 in the paper); the quality suites tune them.
-LEARNING_RATES = {"lst": 3e-3, "lora": 1e-3, "full": 1e-4, "theseus": 5e-4}
+# Learning rates per method (LST wants about 10x a LoRA rate, 3e-3 in the paper; Theseus the 2e-4 its recipe starts
+# from); the quality suites tune them.
+LEARNING_RATES = {"lst": 3e-3, "lora": 1e-3, "full": 1e-4, "theseus": 2e-4}
+# The rest of the Theseus recipe (docs/theseus.md): 10% warm-up in each phase, weight decay on matrices only.
+THESEUS_TRAINING = {"warmup_steps": 0.1, "weight_decay": 0.01}
 SUCCESSOR_LAYERS = 3
 QUANTIZATION_SCHEME = "int8-dynamic"  # int8 weights and activations: the scheme that is faster on a CPU
 
@@ -53,7 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-examples", type=int, default=3200, help="first N training sentences (of 6,530)")
     parser.add_argument("--eval-examples", type=int, default=500, help="test sentences to score (max 1,000)")
     parser.add_argument("--max-steps", type=int, default=100, help="optimizer steps per fine-tuning method")
-    parser.add_argument("--theseus-steps", type=int, default=60, help="optimizer steps of the 6 -> 3 compression")
+    parser.add_argument(
+        "--theseus-steps", type=int, default=60, help="optimizer steps of the 6 -> 3 compression, both phases"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--memory-steps", type=int, default=3, help="timed steps per method in the memory cells")
@@ -151,17 +158,16 @@ def batch_latencies(models: dict[str, torch.nn.Module], data: Splits, args) -> d
 
 
 def compress(predecessor, args, data: Splits, output_dir: Path):
-    """BERT-of-Theseus 6 -> 3 on the fine-tuned model; returns the standalone 3-layer model and its figures."""
+    """BERT-of-Theseus 6 -> 3 on the fine-tuned model with the two-phase recipe and the config's defaults (half the
+    steps replacing at p = 0.5, then the successor alone on a fresh schedule); returns the standalone 3-layer model,
+    the predecessor's depth and what the run did."""
     layers = peft_ladder.inspect_backbone(predecessor).num_layers
-    config = peft_ladder.TheseusConfig(
-        num_successor_layers=SUCCESSOR_LAYERS,
-        replacing_rate=0.5,
-        scheduler="constant",
-        steps_for_replacing=args.theseus_steps // 2,  # then phase 2: the successor alone
-        seed=args.seed,
-    )
+    config = peft_ladder.TheseusConfig(num_successor_layers=SUCCESSOR_LAYERS, seed=args.seed)
     theseus = get_peft_model(copy.deepcopy(predecessor), config)
-    log(f"compressing {layers} -> {SUCCESSOR_LAYERS} layers with Theseus, {args.theseus_steps} steps")
+    log(
+        f"compressing {layers} -> {SUCCESSOR_LAYERS} layers with Theseus, {args.theseus_steps} steps: replacing at "
+        f"p = {config.replacing_rate:g}, then the successor alone; lr {LEARNING_RATES['theseus']:g} per phase"
+    )
     train(
         theseus,
         data.train,
@@ -171,11 +177,20 @@ def compress(predecessor, args, data: Splits, output_dir: Path):
         seed=args.seed,
         batch_size=args.batch_size,
         output_dir=output_dir / "trainer" / "theseus",
-        callbacks=[peft_ladder.TheseusCallback()],
         show_progress=not args.no_progress,
+        theseus=True,  # theseus_optimizers(model, args) and TheseusCallback, as docs/theseus.md trains
+        **THESEUS_TRAINING,
     )
+    tuner = theseus_tuner(theseus)
+    recipe = {
+        "phase_1_steps": tuner.replacing_steps(),
+        "optimizer_steps": int(tuner.active_adapter_module.optimizer_steps),
+        "replacing_rate_at_end": tuner.replacing_rate(),  # 1.0: phase 2, the successor alone, ran
+        "learning_rate": LEARNING_RATES["theseus"],
+        **THESEUS_TRAINING,
+    }
     compressed = theseus.merge_and_unload()
-    return compressed, layers
+    return compressed, layers, recipe
 
 
 def run(args) -> dict:
@@ -212,7 +227,7 @@ def run(args) -> dict:
 
     # 3. Compress the fully fine-tuned model 6 -> 3 layers with Theseus.
     predecessor = trained["full"]
-    compressed, predecessor_layers = compress(predecessor, args, data, output_dir)
+    compressed, predecessor_layers, recipe = compress(predecessor, args, data, output_dir)
     compressed_test = accuracy(compressed, data.test, data.collator)
 
     # 4. Quantize the compressed model to int8 (a copy: the fp32 one stays for the comparison).
@@ -233,6 +248,7 @@ def run(args) -> dict:
         "speedup": timing["predecessor"] / timing["compressed"],
         "predecessor_bytes": in_memory_bytes(predecessor),
         "compressed_bytes": in_memory_bytes(compressed),
+        "recipe": recipe,
     }
     results["quantization"] = {
         "scheme": QUANTIZATION_SCHEME,
@@ -278,13 +294,16 @@ def summary_table(results: dict) -> str:
             f"{cost[method]['memory_vs_full']:>16.2f}x{cost[method]['time_vs_full']:>11.2f}x"
         )
     adapter, compression, quant = results["adapter"], results["compression"], results["quantization"]
+    recipe = compression["recipe"]
     lines += [
         "",
         f"LST adapter on disk: {_mb(adapter['lst_adapter_bytes'])} vs full model {_mb(adapter['full_model_bytes'])} "
         f"({100 * adapter['ratio']:.1f}%)",
-        f"Theseus {compression['layers'][0]} -> {compression['layers'][1]} layers: test accuracy "
-        f"{compression['compressed_test_accuracy']:.3f} vs {compression['predecessor_test_accuracy']:.3f} "
-        f"({100 * compression['accuracy_retained']:.1f}% retained), inference {compression['speedup']:.2f}x faster, "
+        f"Theseus {compression['layers'][0]} -> {compression['layers'][1]} layers (two-phase recipe, "
+        f"{recipe['phase_1_steps']} steps replacing + {recipe['optimizer_steps'] - recipe['phase_1_steps']} "
+        f"successor alone): test accuracy {compression['compressed_test_accuracy']:.3f} vs "
+        f"{compression['predecessor_test_accuracy']:.3f} ({100 * compression['accuracy_retained']:.1f}% of the "
+        f"predecessor's retained), inference {compression['speedup']:.2f}x faster, "
         f"{_mb(compression['compressed_bytes'])} vs {_mb(compression['predecessor_bytes'])}",
         f"int8 ({quant['scheme']}) of the compressed model: {_mb(quant['int8_bytes'])} vs {_mb(quant['fp32_bytes'])} "
         f"fp32 ({quant['size_ratio']:.2f}x; the layers alone {_mb(quant['int8_layer_bytes'])} vs "

@@ -43,13 +43,17 @@ def test_demo_runs_every_stage_and_writes_table_json_and_chart(minilm_hub_id, ro
     assert compression["speedup"] == pytest.approx(latency)
     kept = compression["compressed_test_accuracy"] / compression["predecessor_test_accuracy"]
     assert compression["accuracy_retained"] == pytest.approx(kept)
+    # the two-phase recipe with the config's defaults: half the steps replacing, then the successor alone (p = 1)
+    recipe = compression["recipe"]
+    assert recipe["phase_1_steps"] == 1 and recipe["optimizer_steps"] == 2 and recipe["replacing_rate_at_end"] == 1.0
+    assert recipe["learning_rate"] == 2e-4 and recipe["warmup_steps"] == 0.1
     quantization = saved["quantization"]
     assert quantization["int8_layer_bytes"] < 0.4 * quantization["fp32_layer_bytes"]
     assert quantization["fp32_layer_bytes"] == 3 * 1_772_928 * 4 + 3 * 4 * 384 * 4  # linears and LayerNorms, fp32
     assert (tmp_path / "summary.png").stat().st_size > 10_000
     assert results["quantization"] == quantization
     table = capsys.readouterr().out
-    assert "LST adapter on disk" in table and "Theseus 6 -> 3 layers" in table and "int8" in table
+    assert "LST adapter on disk" in table and "Theseus 6 -> 3 layers (two-phase recipe" in table and "int8" in table
 
 
 def test_quiet_hides_load_reports_and_known_deprecation_notes_only():
