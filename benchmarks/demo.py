@@ -7,8 +7,9 @@ One run shows, with numbers measured in this run:
    training memory and median step time (each method in a fresh process on identical batches, as ratios to full
    fine-tuning: absolute times on a shared CPU mean little).
 3. **BERT-of-Theseus** compresses the fully fine-tuned model from 6 layers to 3 with the two-phase recipe of
-   ``docs/theseus.md`` (the config's defaults, ``theseus_optimizers`` and ``TheseusCallback``): accuracy retained (the
-   share of the predecessor's test accuracy), inference speed-up.
+   ``docs/theseus.md`` (the config's defaults but the data-chosen ``"fidelity"`` successor start,
+   ``theseus_optimizers`` and ``TheseusCallback``): accuracy retained (the share of the predecessor's test accuracy),
+   inference speed-up.
 4. **int8** quantization of the compressed model: size and latency.
 5. A table in the terminal, and ``results.json`` and ``summary.png`` under ``runs/demo-<timestamp>/``.
 
@@ -46,6 +47,7 @@ LEARNING_RATES = {"lst": 3e-3, "lora": 1e-3, "full": 1e-4, "theseus": 2e-4}
 # The rest of the Theseus recipe (docs/theseus.md): 10% warm-up in each phase, weight decay on matrices only.
 THESEUS_TRAINING = {"warmup_steps": 0.1, "weight_decay": 0.01}
 SUCCESSOR_LAYERS = 3
+CALIBRATION_SENTENCES = 32  # the batch the "fidelity" successor start measures on
 QUANTIZATION_SCHEME = "int8-dynamic"  # int8 weights and activations: the scheme that is faster on a CPU
 
 
@@ -158,11 +160,20 @@ def batch_latencies(models: dict[str, torch.nn.Module], data: Splits, args) -> d
 
 
 def compress(predecessor, args, data: Splits, output_dir: Path):
-    """BERT-of-Theseus 6 -> 3 on the fine-tuned model with the two-phase recipe and the config's defaults (half the
-    steps replacing at p = 0.5, then the successor alone on a fresh schedule); returns the standalone 3-layer model,
-    the predecessor's depth and what the run did."""
+    """BERT-of-Theseus 6 -> 3 on the fine-tuned model with the two-phase recipe (half the steps replacing at
+    p = 0.5, then the successor alone on a fresh schedule) from the "fidelity" successor start; returns the standalone
+    3-layer model, the predecessor's depth and what the run did."""
     layers = peft_ladder.inspect_backbone(predecessor).num_layers
-    config = peft_ladder.TheseusConfig(num_successor_layers=SUCCESSOR_LAYERS, seed=args.seed)
+    # The successor starts from the predecessor layers that best reproduce each module on real sentences: at the
+    # demo's budget, the first-layers start does not recover from a successor that begins near chance.
+    calibration = data.collator(data.train[:CALIBRATION_SENTENCES])
+    calibration.pop("labels")
+    config = peft_ladder.TheseusConfig(
+        num_successor_layers=SUCCESSOR_LAYERS,
+        seed=args.seed,
+        successor_init="fidelity",
+        calibration_inputs=calibration,
+    )
     theseus = get_peft_model(copy.deepcopy(predecessor), config)
     log(
         f"compressing {layers} -> {SUCCESSOR_LAYERS} layers with Theseus, {args.theseus_steps} steps: replacing at "
@@ -186,6 +197,8 @@ def compress(predecessor, args, data: Splits, output_dir: Path):
         "phase_1_steps": tuner.replacing_steps(),
         "optimizer_steps": int(tuner.active_adapter_module.optimizer_steps),
         "replacing_rate_at_end": tuner.replacing_rate(),  # 1.0: phase 2, the successor alone, ran
+        "successor_init": config.successor_init,
+        "successor_sources": tuner.peft_config[tuner.active_adapter].successor_sources,  # the layers it started as
         "learning_rate": LEARNING_RATES["theseus"],
         **THESEUS_TRAINING,
     }
@@ -301,7 +314,8 @@ def summary_table(results: dict) -> str:
         f"({100 * adapter['ratio']:.1f}%)",
         f"Theseus {compression['layers'][0]} -> {compression['layers'][1]} layers (two-phase recipe, "
         f"{recipe['phase_1_steps']} steps replacing + {recipe['optimizer_steps'] - recipe['phase_1_steps']} "
-        f"successor alone): test accuracy {compression['compressed_test_accuracy']:.3f} vs "
+        f"successor alone, starting as layers {recipe['successor_sources']}): "
+        f"test accuracy {compression['compressed_test_accuracy']:.3f} vs "
         f"{compression['predecessor_test_accuracy']:.3f} ({100 * compression['accuracy_retained']:.1f}% of the "
         f"predecessor's retained), inference {compression['speedup']:.2f}x faster, "
         f"{_mb(compression['compressed_bytes'])} vs {_mb(compression['predecessor_bytes'])}",

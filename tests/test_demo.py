@@ -47,6 +47,7 @@ def test_demo_runs_every_stage_and_writes_table_json_and_chart(minilm_hub_id, ro
     recipe = compression["recipe"]
     assert recipe["phase_1_steps"] == 1 and recipe["optimizer_steps"] == 2 and recipe["replacing_rate_at_end"] == 1.0
     assert recipe["learning_rate"] == 2e-4 and recipe["warmup_steps"] == 0.1
+    assert recipe["successor_init"] == "fidelity" and len(recipe["successor_sources"][0]) == 3
     quantization = saved["quantization"]
     assert quantization["int8_layer_bytes"] < 0.4 * quantization["fp32_layer_bytes"]
     assert quantization["fp32_layer_bytes"] == 3 * 1_772_928 * 4 + 3 * 4 * 384 * 4  # linears and LayerNorms, fp32
