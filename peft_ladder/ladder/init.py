@@ -1,8 +1,9 @@
 """Side network initialisation: the recipe that turns a freshly built side network into a pruned copy of the backbone.
 
-``init="pruned"`` (magnitude) or ``"fisher"`` (scores from :func:`peft_ladder.ladder.fisher.fisher_init_`) prunes every side block from the backbone layer
-it sits beside (:mod:`.pruning`, ``pruning="residual"`` or the official ``"chain"``) and the side final norm from the
-backbone's. The parts with no backbone counterpart start as ``ladder_init`` says:
+``init="pruned"`` (magnitude) or ``"fisher"`` (scores from :func:`peft_ladder.ladder.fisher.fisher_init_`) prunes
+every side block from the backbone layer it sits beside (:mod:`.pruning`, ``pruning="residual"`` or the official
+``"chain"``) and the side final norm from the backbone's. The parts with no backbone counterpart start as
+``ladder_init`` says:
 
 * ``"selection"``: ``stream_down`` and each ladder select the kept stream dimensions (a 0/1 matrix, zero bias), so the
   side stream starts as the pruned copy of the backbone stream and the ladders feed matching dimensions;

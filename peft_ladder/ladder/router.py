@@ -281,9 +281,9 @@ class StackCapture:
     With ``stack_taps`` each tapped output is copied, as its layer returns it, into one (K, B, T, d) buffer, slot k
     for ``tapped[k]``, allocated in the first tapped output's shape, dtype and device; ``taps[i]`` is then a view of
     its slot, and the backbone's own output tensors are not kept (the last layer's excepted, as ``last_output``), so
-    the buffer is the taps' only copy. :meth:`stacked_taps` hands it to the fused ladders, which read it without stacking
-    (:meth:`SideStack.ladder_terms`) and may normalise it in place: nothing else reads it. A tapped output whose
-    shape, dtype or device differs from the first one's is kept as a separate tensor and ends the buffer
+    the buffer is the taps' only copy. :meth:`stacked_taps` hands it to the fused ladders, which read it without
+    stacking (:meth:`SideStack.ladder_terms`) and may normalise it in place: nothing else reads it. A tapped output
+    whose shape, dtype or device differs from the first one's is kept as a separate tensor and ends the buffer
     (``stacked_taps()`` is then ``None``; the slots already written stay valid views).
     """
 
