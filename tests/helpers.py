@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import transformers
 from conftest import DECODERS, ENCODERS, SEQ2SEQ, tiny_model
@@ -59,3 +61,22 @@ def calibration_batch() -> dict:
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 6:] = 0
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor([0, 1, 0, 1])}
+
+
+@contextlib.contextmanager
+def saved_for_backward(model: torch.nn.Module):
+    """Counts the bytes autograd saves for backward inside the block: each storage once, ``model``'s parameters
+    (saved by reference, no extra memory) excluded. Yields a list that holds the total once the block exits."""
+    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameter_storages:
+            storages[storage.data_ptr()] = storage  # held, so its address cannot be reused within the step
+        return tensor
+
+    total: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield total
+    total.append(sum(storage.nbytes() for storage in storages.values()))

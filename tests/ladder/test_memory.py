@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 from conftest import tiny_model
+from helpers import saved_for_backward
 from peft import LoraConfig, get_peft_model
 
 from peft_ladder import LadderSideConfig
@@ -17,22 +18,13 @@ BATCH, LENGTH = 4, 64
 
 
 def saved_bytes(model: torch.nn.Module, batch: dict) -> int:
-    """Bytes autograd saves for backward in one training forward of ``model`` on ``batch``: each storage once,
-    parameters (saved by reference, no extra memory) excluded. Runs the backward too, so the graph is a real one."""
-    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameter_storages:
-            storages[storage.data_ptr()] = storage  # held, so its address cannot be reused within the step
-        return tensor
-
+    """Bytes autograd saves for backward in one training forward of ``model`` on ``batch`` (the backward runs too,
+    so the graph is a real one)."""
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with saved_for_backward(model) as total:
         loss = model(**batch).loss
     loss.backward()
-    return sum(storage.nbytes() for storage in storages.values())
+    return total[0]
 
 
 def lm_batch() -> dict:

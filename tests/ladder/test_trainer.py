@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 from conftest import tiny_model
+from helpers import saved_for_backward
 from peft import LoraConfig, get_peft_model
 
 from peft_ladder import LadderGateLogger, LadderSideConfig
@@ -149,18 +150,9 @@ class SavedBytesTrainer(transformers.Trainer):
     saved_bytes: list[int]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        storages = {}
-
-        def pack(tensor):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in parameter_storages:
-                storages[storage.data_ptr()] = storage  # held, so its address cannot be reused within the step
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with saved_for_backward(model) as total:
             loss = super().training_step(model, inputs, num_items_in_batch)
-        self.saved_bytes.append(sum(storage.nbytes() for storage in storages.values()))
+        self.saved_bytes.append(total[0])
         return loss
 
 
