@@ -38,9 +38,15 @@ class StackPlan:
     body: nn.Module
     layers: nn.ModuleList
     final_norm: nn.Module | None
-    pooler: nn.Module | None
     is_decoder_stack: bool
     rel_embeddings_owner: nn.Module | None = None  # DeBERTa-v2's encoder (has get_rel_embedding)
+
+    @property
+    def pooler(self) -> nn.Module | None:
+        """The body's pooler as it is now, read on every call: a pooler in ``modules_to_save`` is replaced by PEFT's
+        wrapper after the plan is made, and the wrapper (which runs the trainable copy) is what must run."""
+        pooler = getattr(self.body, "pooler", None)
+        return pooler if isinstance(pooler, nn.Module) else None
 
     @property
     def block_class(self) -> type:
@@ -60,14 +66,12 @@ def plan_stacks(model: nn.Module, info: BackboneInfo) -> list[StackPlan]:
         final_norm = (
             get_submodule_or_raise(model, stack.final_norm_path, "final norm") if stack.final_norm_path else None
         )
-        pooler = getattr(body, "pooler", None)
         plans.append(
             StackPlan(
                 index=index,
                 body=body,
                 layers=stack.layers,
                 final_norm=final_norm,
-                pooler=pooler if isinstance(pooler, nn.Module) else None,
                 is_decoder_stack=stack.is_decoder_stack,
                 rel_embeddings_owner=parent
                 if hasattr(parent, "get_rel_embedding") and parent.get_rel_embedding() is not None

@@ -158,3 +158,18 @@ def test_the_capture_keeps_separate_taps_without_stack_taps_for_one_tap_or_for_t
     capture, outputs = _capture([4, 4, 8, 8], tapped=[1, 2, 3])  # the ladders then run one Linear each
     assert capture.stacked_taps() is None
     assert all(torch.equal(capture.taps[index], outputs[index]) for index in (1, 2, 3))
+
+
+def test_a_pooler_in_modules_to_save_is_the_trained_copy_that_runs():
+    """PEFT swaps the pooler for its modules_to_save wrapper after the side network is planned: the router must run
+    the wrapper (the trainable copy), not the frozen original it saw first."""
+    model = tiny_model("bert", transformers.AutoModelForSequenceClassification)
+    peft_model = get_peft_model(
+        model, LadderSideConfig(task_type="SEQ_CLS", reduction_factor=4, modules_to_save=["pooler"])
+    )
+    batch = {**family_inputs("bert", seed=0), "labels": torch.tensor([0, 1])}
+    peft_model.train()
+    peft_model(**batch).loss.backward()
+    trained_copy = model.bert.pooler.modules_to_save["default"].dense
+    assert trained_copy.weight.grad is not None and trained_copy.weight.grad.abs().sum() > 0
+    assert model.bert.pooler.original_module.dense.weight.grad is None
