@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import routing
 
@@ -46,16 +47,37 @@ def stack_hook(tuner: TheseusModel, path: str, layers: routing.ReplaceableLayers
     return before_stack_forward
 
 
-def optimizer_hook(tuner: TheseusModel):
-    # A weak reference: the global hook must not keep a deleted model alive.
-    tuner_ref = weakref.ref(tuner)
+# One process-wide optimizer post-hook serves every live Theseus model. A hook per model, removed when its model is
+# garbage-collected, would mutate torch's global hook dict if the collection ran inside another optimizer step (while
+# torch iterates over that dict); a WeakSet of models forgets a collected model without touching it.
+_TRACKED_TUNERS: weakref.WeakSet = weakref.WeakSet()
+_GLOBAL_HANDLE = None
 
-    def after_optimizer_step(optimizer, args, kwargs):
-        tuner = tuner_ref()
+
+class OptimizerStepTracking:
+    """The handle :func:`track_optimizer_steps` returns: ``remove()`` stops counting that model's steps."""
+
+    def __init__(self, tuner: TheseusModel):
+        self._tuner_ref = weakref.ref(tuner)  # a weak reference: the handle must not keep a deleted model alive
+
+    def remove(self) -> None:
+        tuner = self._tuner_ref()
         if tuner is not None:
-            tuner._count_optimizer_step(optimizer)
+            _TRACKED_TUNERS.discard(tuner)
 
-    return after_optimizer_step
+
+def track_optimizer_steps(tuner: TheseusModel) -> OptimizerStepTracking:
+    """Count ``tuner``'s optimizer steps (its schedule's clock) after every ``optimizer.step()`` in the process."""
+    global _GLOBAL_HANDLE
+    if _GLOBAL_HANDLE is None:
+        _GLOBAL_HANDLE = register_optimizer_step_post_hook(_after_optimizer_step)
+    _TRACKED_TUNERS.add(tuner)
+    return OptimizerStepTracking(tuner)
+
+
+def _after_optimizer_step(optimizer, args, kwargs):
+    for tuner in list(_TRACKED_TUNERS):
+        tuner._count_optimizer_step(optimizer)
 
 
 def after_stack_hook(tuner: TheseusModel, layers: routing.ReplaceableLayers):

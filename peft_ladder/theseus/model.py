@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-import weakref
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
 from .._tuner import ModuleTuner
@@ -143,9 +141,7 @@ class TheseusModel(ModuleTuner):
             # the distillation hook reads what the pre-hook gathered; the always-called one then clears it
             state["handles"].append(model.register_forward_hook(self._add_distillation_terms))
             state["handles"].append(model.register_forward_hook(self._after_model_forward, always_call=True))
-            optimizer_handle = register_optimizer_step_post_hook(hooks.optimizer_hook(self))
-            state["handles"].append(optimizer_handle)
-            weakref.finalize(self, optimizer_handle.remove)  # a model dropped without unload() leaves no global hook
+            state["handles"].append(hooks.track_optimizer_steps(self))  # forgotten too when the model is collected
         for path in self.adapter_modules[adapter_name].stack_paths:
             if path in state["stacks"]:
                 continue
