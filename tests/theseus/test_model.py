@@ -541,3 +541,28 @@ def test_task_type_wrapper_draws_and_trains_the_head_it_adds():
     trainable = {name for name, param in peft_model.named_parameters() if param.requires_grad}
     assert any("classifier.modules_to_save" in name for name in trainable)
     assert not any(".encoder.layer." in name for name in trainable)
+
+
+def test_a_theseus_model_collected_during_an_optimizer_step_leaves_the_step_intact():
+    """Dropping a Theseus model while torch runs the global optimizer hooks must not touch torch's hook dict."""
+    import gc
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from peft_ladder import TheseusConfig
+
+    trained = peft.get_peft_model(tiny_model("bert"), TheseusConfig(num_successor_layers=1))
+    dropped = [peft.get_peft_model(tiny_model("bert"), TheseusConfig(num_successor_layers=1))]
+
+    def drop_the_other_model(optimizer, args, kwargs):
+        dropped.clear()
+        gc.collect()
+
+    handle = register_optimizer_step_post_hook(drop_the_other_model)
+    try:
+        optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=0.1)
+        optimizer.step()
+        optimizer.step()
+    finally:
+        handle.remove()
+    assert not dropped
