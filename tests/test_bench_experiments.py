@@ -264,6 +264,7 @@ PROTOCOL_CELLS = [
     "theseus-a-schedule-linear",
     "theseus-b-start-fidelity",
     "theseus-b-start-one-per-module",
+    "theseus-c-kd-hidden",
     "theseus-c-kd-logit",
 ]
 TARGETS = {"predecessor", "truncation-pretrained-all", "truncation-predecessor"}
@@ -295,6 +296,7 @@ def test_the_theseus_protocol_declares_its_stages_baselines_and_the_comparisons_
     assert configs["theseus-b-start-fidelity"]["calibration_inputs"] == 32  # the first 32 training sentences
     assert configs["theseus-b-start-one-per-module"]["successor_init"] == "one_per_module"
     assert configs["theseus-c-kd-logit"]["distill_logit_weight"] == 0.5
+    assert configs["theseus-c-kd-hidden"]["distill_hidden_weight"] == 1.0
 
 
 def test_compute_matched_steps_count_the_layer_passes_of_the_runs_they_match(monkeypatch):
