@@ -45,7 +45,7 @@ THESEUS_RECIPE = "two-phase: theseus_optimizers + TheseusCallback, phase-2 check
 FIELDS = {
     "description", "kind", "model", "init_from", "data", "method", "config", "learning_rate", "steps", "batch_size",
     "seeds", "training", "distill", "quantize", "deploy", "save_model", "compare_to", "models", "repeats", "seq_len",
-    "tokenizer", "eval_every", "extend_grid", "fisher", "sample",
+    "tokenizer", "eval_every", "extend_grid", "fisher", "sample", "pooling",
 }  # fmt: skip
 # max_length defaults per dataset: data.DEFAULT_MAX_LENGTH
 DATA_DEFAULTS = {"dataset": "rotten_tomatoes", "train_examples": None, "eval_examples": None}
@@ -94,6 +94,10 @@ def load_experiment(path: Path, overrides: dict) -> Experiment:
             spec.setdefault("recipe", THESEUS_RECIPE)
         if "sample" in spec:
             _check_sample(path, spec)
+        if "pooling" in spec and (spec["pooling"] != "mean" or data.METRICS[spec["data"]["dataset"]] != "accuracy"):
+            raise ValueError(
+                f"{path}: pooling can only be 'mean', on a classification dataset; got {spec['pooling']!r}"
+            )
     elif spec["kind"] != "latency":
         raise ValueError(f"{path}: kind must be 'train' or 'latency', got {spec['kind']!r}")
     _apply_overrides(spec, overrides)
@@ -416,6 +420,8 @@ class Runner:
         extra = {"num_labels": 2} if task_type == "SEQ_CLS" and not spec.get("init_from") else {}
         transformers.set_seed(seed)  # a new head, LoRA's A matrices, random side weights
         model = auto_class.from_pretrained(weights, dtype=torch.float32, **extra)
+        if spec.get("pooling") == "mean":
+            training.use_mean_pooling(model)
         quantize = spec.get("quantize")
         if quantize and quantize["at"] == "before":
             peft_ladder.quantize(model, quantize["scheme"])

@@ -61,6 +61,42 @@ def finalize(model: nn.Module, method: str) -> nn.Module:
     return model.merge_and_unload() if method == "theseus" else model
 
 
+class MaskedMeanPooler(nn.Module):
+    """A pooler that returns the mean of the last hidden states over the unpadded tokens: the pooling
+    all-MiniLM-L6-v2 was trained with (its CLS token and pooler never were). Parameter-free; the classifier reads it.
+
+    A pooler is called with the hidden states alone, so the attention mask is taken from the body's own call by the
+    pre-hook :func:`use_mean_pooling` installs. A call without a mask averages over every token.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.attention_mask: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mask = self.attention_mask
+        if mask is None or mask.shape != hidden_states.shape[:2]:
+            mask = hidden_states.new_ones(hidden_states.shape[:2])
+        weights = mask.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def use_mean_pooling(model: nn.Module) -> MaskedMeanPooler:
+    """Give a sequence classifier whose body has a ``pooler`` (BERT-style: CLS token, dense, tanh) a
+    :class:`MaskedMeanPooler` instead, before any method wraps it, so LoRA and LST get the same head."""
+    body = getattr(model, model.base_model_prefix, None)
+    if body is None or not isinstance(getattr(body, "pooler", None), nn.Module):
+        raise ValueError(f"{type(model).__name__} has no body with a pooler to replace by mean pooling")
+    pooler = MaskedMeanPooler()
+    body.pooler = pooler
+
+    def remember_attention_mask(module, args, kwargs):
+        pooler.attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    body.register_forward_pre_hook(remember_attention_mask, with_kwargs=True)
+    return pooler
+
+
 def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -161,3 +161,31 @@ def test_continuation_is_the_greedy_continuation_without_the_prompt(smollm2_dir)
     text = data.continuation(model.train(), tokenizer, "A fine film", max_new_tokens=5)
     assert text == tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True)
     assert not model.training
+
+
+@pytest.mark.parametrize("method", ["lora", "lst"])
+def test_mean_pooling_feeds_the_classifier_the_mean_over_unpadded_tokens_under_every_method(method):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=128, num_labels=2
+    )
+    model = transformers.BertForSequenceClassification(config).eval()
+    input_ids = torch.tensor([[5, 9, 17, 33, 0, 0], [7, 8, 9, 10, 11, 12]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    cls_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    training.use_mean_pooling(model)
+    hidden = model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    reference = torch.stack([hidden[0, :4].mean(0), hidden[1].mean(0)])  # by hand: the real tokens only
+    mean_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(mean_logits, model.classifier(reference))
+    assert not torch.allclose(cls_logits, model.classifier(reference))
+
+    config = {"lora": {"r": 4, "target_modules": ["query", "value"]}, "lst": {"reduction_factor": 4}}[method]
+    wrapped = training.apply_method(model, method, config, "SEQ_CLS").eval()
+    padded = wrapped(input_ids=input_ids, attention_mask=attention_mask).logits
+    unpadded = wrapped(input_ids=input_ids[:1, :4], attention_mask=attention_mask[:1, :4]).logits
+    torch.testing.assert_close(padded[:1], unpadded)  # the padding does not reach the pooled features
+    decoder = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2))
+    with pytest.raises(ValueError, match="no body with a pooler"):
+        training.use_mean_pooling(decoder)
