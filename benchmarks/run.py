@@ -100,6 +100,8 @@ def load_experiment(path: Path, overrides: dict) -> Experiment:
             )
     elif spec["kind"] != "latency":
         raise ValueError(f"{path}: kind must be 'train' or 'latency', got {spec['kind']!r}")
+    elif "pooling" in spec:  # latency models are built from "models" alone: the field would be ignored
+        raise ValueError(f"{path}: pooling applies to training experiments only; remove it from this latency one")
     _apply_overrides(spec, overrides)
     return Experiment(suite=path.parent.name, name=path.stem, spec=spec)
 

@@ -401,3 +401,18 @@ def test_a_theseus_run_trains_both_phases_of_the_recipe_and_scores_the_phase_2_c
     assert extracted.config.num_hidden_layers == 2
     layers = [param for param in extracted.bert.encoder.layer.parameters()]
     assert len(layers) == len(successors[2]) and all(map(torch.equal, layers, successors[2]))
+
+
+def test_mean_pooling_is_declared_only_for_classification_training(tmp_path):
+    path = tmp_path / "a.json"
+    declaration = {"method": "lst", "learning_rate": [1e-3], "steps": 1, "pooling": "mean"}
+    path.write_text(json.dumps(declaration))
+    assert run.select([str(path)], {})[tmp_path.name][-1].spec["pooling"] == "mean"
+    for bad, message in (
+        ({**declaration, "pooling": "cls"}, "pooling can only be 'mean'"),
+        ({**declaration, "data": {"dataset": "hamlet"}}, "on a classification dataset"),
+        ({"kind": "latency", "models": {}, "pooling": "mean"}, "pooling applies to training experiments only"),
+    ):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=message):
+            run.select([str(path)], {})
