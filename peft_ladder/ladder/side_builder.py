@@ -37,9 +37,16 @@ class StackPlan:
     index: int
     body: nn.Module
     layers: nn.ModuleList
-    final_norm: nn.Module | None
     is_decoder_stack: bool
+    final_norm_owner: nn.Module | None = None  # the module holding the final norm as an attribute
+    final_norm_name: str | None = None
     rel_embeddings_owner: nn.Module | None = None  # DeBERTa-v2's encoder (has get_rel_embedding)
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        """The final norm as it is now, read on every call: a norm in ``modules_to_save`` is replaced by PEFT's
+        wrapper after the plan is made, and the wrapper (which runs the trainable copy) is what must run."""
+        return getattr(self.final_norm_owner, self.final_norm_name) if self.final_norm_name else None
 
     @property
     def pooler(self) -> nn.Module | None:
@@ -63,16 +70,19 @@ def plan_stacks(model: nn.Module, info: BackboneInfo) -> list[StackPlan]:
         # Encoder-decoder stacks are run by their own module (T5Stack, BartEncoder/BartDecoder); other families by
         # the nearest ancestor that also embeds the tokens (BertModel around BertEncoder, LlamaModel).
         body = parent if info.is_encoder_decoder else _body_of(model, stack.path, embeddings)
-        final_norm = (
-            get_submodule_or_raise(model, stack.final_norm_path, "final norm") if stack.final_norm_path else None
-        )
+        final_norm_owner, final_norm_name = None, None
+        if stack.final_norm_path:
+            get_submodule_or_raise(model, stack.final_norm_path, "final norm")
+            owner_path, _, final_norm_name = stack.final_norm_path.rpartition(".")
+            final_norm_owner = model.get_submodule(owner_path) if owner_path else model
         plans.append(
             StackPlan(
                 index=index,
                 body=body,
                 layers=stack.layers,
-                final_norm=final_norm,
                 is_decoder_stack=stack.is_decoder_stack,
+                final_norm_owner=final_norm_owner,
+                final_norm_name=final_norm_name,
                 rel_embeddings_owner=parent
                 if hasattr(parent, "get_rel_embedding") and parent.get_rel_embedding() is not None
                 else None,

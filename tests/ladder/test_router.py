@@ -173,3 +173,17 @@ def test_a_pooler_in_modules_to_save_is_the_trained_copy_that_runs():
     trained_copy = model.bert.pooler.modules_to_save["default"].dense
     assert trained_copy.weight.grad is not None and trained_copy.weight.grad.abs().sum() > 0
     assert model.bert.pooler.original_module.dense.weight.grad is None
+
+
+def test_a_final_norm_in_modules_to_save_is_the_trained_copy_that_runs():
+    """The same for the backbone's final norm, which "add" mode runs after the side output is mixed in."""
+    model = tiny_model("llama", transformers.AutoModelForCausalLM)
+    peft_model = get_peft_model(
+        model, LadderSideConfig(task_type="CAUSAL_LM", reduction_factor=4, modules_to_save=["model.norm"])
+    )
+    inputs = family_inputs("llama")
+    peft_model.train()
+    peft_model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    trained_copy = model.model.norm.modules_to_save["default"]
+    assert trained_copy.weight.grad is not None and trained_copy.weight.grad.abs().sum() > 0
+    assert model.model.norm.original_module.weight.grad is None
