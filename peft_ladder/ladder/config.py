@@ -74,8 +74,10 @@ class LadderSideConfig(PeftConfig):
             activation memory at sequence 128. `None` keeps the backbone's rate (the official code). `BENCHMARKS.md`
             has the memory and accuracy of both.
         backbone_dropout (`bool`):
-            `True` (default, the paper): the frozen backbone runs with its dropout in training, so the ladders read
-            noisy taps. `False`: the backbone runs as in evaluation (no random draws, cheaper on the CPU).
+            `False` (default): the frozen backbone runs as in evaluation during training, so the ladders read the
+            taps it gives at inference and the step makes no dropout draws in the backbone (a third of a small
+            encoder's CPU step). `True` (the paper, the official code): the backbone keeps its dropout in training,
+            so the ladders read noisy taps. `BENCHMARKS.md` has the accuracy and step time of both.
         ladder_norm (`str`):
             `"none"` (default): each ladder reads its backbone layer's output as it is. `"tap"`: the tap is first
             RMS-normalised over the hidden dimension (no parameters, nothing more kept for backward), so the few
@@ -149,7 +151,7 @@ class LadderSideConfig(PeftConfig):
         default=0.0, metadata={"help": "Attention-probability dropout of the side blocks (None = the backbone's)."}
     )
     backbone_dropout: bool = field(
-        default=True, metadata={"help": "Keep the frozen backbone's dropout on in training (the paper)."}
+        default=False, metadata={"help": "Keep the frozen backbone's dropout on in training (True: the paper)."}
     )
     ladder_norm: Literal["none", "tap"] = field(
         default="none", metadata={"help": "Normalise each tap before its ladder: none or tap (parameter-free RMS)."}

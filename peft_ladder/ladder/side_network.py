@@ -77,7 +77,7 @@ class SideStack(nn.Module):
         feeds_head: bool = True,
         uses_rotary: bool = False,
         normalise_taps: bool = False,
-        backbone_dropout: bool = True,
+        backbone_dropout: bool = False,
     ):
         super().__init__()
         if len(blocks) != len(tapped_layers):
@@ -108,7 +108,7 @@ class SideStack(nn.Module):
         # ladder_norm "tap": each detached tap is RMS-normalised (no parameters) before its ladder, so a few outlier
         # dimensions of the backbone's residual stream cannot dominate what the side network reads.
         self.normalise_taps = normalise_taps
-        # False: the frozen backbone runs without dropout in training (no random draws; the taps are the eval ones)
+        # False: the frozen backbone runs as in evaluation in training (no dropout draws; the taps are the eval ones)
         self.backbone_dropout = backbone_dropout
         # DeBERTa-v2's relative-position table at side width (the backbone's one is d wide); None elsewhere.
         self.rel_embeddings = nn.Parameter(rel_embeddings) if rel_embeddings is not None else None

@@ -115,7 +115,7 @@ def train(method: str, args: argparse.Namespace) -> None:
         max_steps=args.max_steps,
         per_device_train_batch_size=16,
         learning_rate=args.learning_rate,
-        lr_scheduler_type="constant",
+        lr_scheduler_type="linear",
         logging_steps=1,
         save_strategy="steps",
         save_steps=args.max_steps,

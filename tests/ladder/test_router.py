@@ -78,11 +78,13 @@ def test_training_outputs_keep_only_last_logits_and_eval_returns_full_logits():
     assert torch.allclose(eval_out.loss, train_out.loss.detach(), atol=1e-5)  # dropout is 0 at step 0 in add mode
 
 
-def test_backbone_dropout_off_runs_the_backbone_as_in_evaluation_and_keeps_its_modes():
+@pytest.mark.parametrize("backbone_dropout", [None, False, True])
+def test_backbone_dropout_is_off_by_default_and_keeps_the_modules_modes(backbone_dropout):
+    """Off (the default): the backbone runs as in evaluation in training, so two calls tap the same values; True
+    (the paper): its dropout draws differ per call. Either way every module's mode is as it was after the call."""
     model = tiny_model("bert", transformers.AutoModelForSequenceClassification, hidden_dropout_prob=0.5)
-    peft_model = get_peft_model(
-        model, LadderSideConfig(task_type="SEQ_CLS", reduction_factor=4, backbone_dropout=False)
-    )
+    chosen = {} if backbone_dropout is None else {"backbone_dropout": backbone_dropout}
+    peft_model = get_peft_model(model, LadderSideConfig(task_type="SEQ_CLS", reduction_factor=4, **chosen))
     peft_model.train()
     inputs = family_inputs("bert")
     taps = []
@@ -90,7 +92,7 @@ def test_backbone_dropout_off_runs_the_backbone_as_in_evaluation_and_keeps_its_m
     peft_model(**inputs)
     peft_model(**inputs)
     handle.remove()
-    assert torch.equal(taps[0], taps[1])  # no dropout draws in the backbone
+    assert torch.equal(taps[0], taps[1]) is (backbone_dropout is not True)
     assert model.bert.training and model.bert.encoder.layer[1].training  # the modes are back after the call
     assert peft_model.base_model.side_network.stacks[0].blocks[0].training
 
