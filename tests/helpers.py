@@ -14,6 +14,10 @@ AUTO_AND_TASK = {
     **{family: (transformers.AutoModelForSeq2SeqLM, "SEQ_2_SEQ_LM") for family in SEQ2SEQ},
 }
 
+# Theseus: p = b = 0 and no planned length, so p stays 0 and every training forward runs the predecessor alone (the
+# constant scheduler refuses rate 0, which would train nothing).
+NEVER_REPLACED = {"scheduler": "linear", "replacing_rate": 0.0}
+
 
 def family_inputs(family: str, batch: int = 2, length: int = 7, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)

@@ -37,7 +37,8 @@ class TheseusConfig(PeftConfig):
             3, 3, 2, 2, 2).
         replacing_rate (`float`):
             p, the probability that a module is replaced by its successor layer in a phase-1 training forward.
-            Defaults to `0.5` (paper). For the `"linear"` scheduler it is the starting rate b.
+            Defaults to `0.5` (paper). For the `"linear"` scheduler it is the starting rate b. `0` is refused with
+            the `"constant"` scheduler (phase 1 would train nothing) unless `steps_for_replacing=0`.
         scheduler (`str`):
             `"constant"` (default): p stays at `replacing_rate` during phase 1, then 1.0 (phase 2: the successor
             fine-tunes alone). `"linear"`: the curriculum p_t = min(1, k * t + b) with b = `replacing_rate`; phase 2
@@ -53,9 +54,10 @@ class TheseusConfig(PeftConfig):
         steps_for_replacing (`Optional[int]`):
             Optimizer steps of phase 1, overriding `replacing_fraction`. Defaults to `None`.
         linear_k (`Optional[float]`):
-            Slope k of the linear scheduler, per optimizer step (the official README uses 0.0006; phase 2 then starts
-            after (1 - b) / k steps, whatever the run's length). Defaults to `None`: the slope that reaches p = 1 at
-            the end of phase 1 (`steps_for_replacing`, or `replacing_fraction` of the planned steps).
+            Slope k > 0 of the linear scheduler, per optimizer step (the official README uses 0.0006; phase 2 then
+            starts after (1 - b) / k steps, whatever the run's length). Only with `scheduler="linear"`. Defaults to
+            `None`: the slope that reaches p = 1 at the end of phase 1 (`steps_for_replacing`, or
+            `replacing_fraction` of the planned steps).
         redraw_if_none_replaced (`bool`):
             Draw again when a phase-1 draw replaces no module. Defaults to `True`: such a forward runs the frozen
             predecessor alone and trains nothing (with 3 modules at p = 0.5, one step in 8) while still advancing the
@@ -178,7 +180,20 @@ class TheseusConfig(PeftConfig):
             "steps_for_replacing", self.steps_for_replacing, minimum=0, optional=True
         )
         if self.linear_k is not None:
-            self.linear_k = checks.check_real("linear_k", self.linear_k, 0)
+            # k = 0 would keep p at b for ever: phase 2 would never start
+            self.linear_k = checks.check_real("linear_k", self.linear_k, 0, exclude_minimum=True)
+            if self.scheduler != "linear":
+                raise ValueError(
+                    f"linear_k={self.linear_k} is the linear scheduler's slope, but scheduler={self.scheduler!r}: "
+                    "it would be ignored. Set scheduler='linear', or leave linear_k unset."
+                )
+        if self.scheduler == "constant" and self.replacing_rate == 0 and self.steps_for_replacing != 0:
+            raise ValueError(
+                "replacing_rate=0 with scheduler='constant' never runs a successor layer in phase 1, so every phase-1 "
+                "step trains nothing while it uses up the schedule. Choose a rate in (0, 1] (0.5 is the paper's), "
+                "scheduler='linear' to start from 0 and rise, or steps_for_replacing=0 to train the successor alone "
+                "from the start."
+            )
         checks.check_bool("redraw_if_none_replaced", self.redraw_if_none_replaced)
         self.successor_init = _check_successor_init(self.successor_init, self.num_successor_layers)
         if self.calibration_inputs is not None and not isinstance(self.calibration_inputs, Mapping):

@@ -6,8 +6,8 @@ Data flow of one training forward:
    (:func:`~.schedule.draw_replacements`, seeded from the config's seed and the forward count);
 2. a pre-hook on each module that owns a compressed layer list sets the list's *plan*: per module, the successor
    layer or the module's predecessor layers (:mod:`.routing`); the family's own loop then runs the plan;
-3. after each optimizer step that updates successor parameters, a global optimizer post-hook advances the schedule
-   (phase 1, then phase 2 where p = 1: see :mod:`.schedule`).
+3. after each step of an optimizer that holds successor parameters, a global optimizer post-hook advances the
+   schedule (phase 1, then phase 2 where p = 1: see :mod:`.schedule`).
 
 With distillation on (:mod:`.distill`), the pre-hook also runs the predecessor alone on the batch (or finds its cached
 logits), and a forward hook adds the distillation terms to the model's loss.
@@ -70,7 +70,8 @@ class TheseusModel(ModuleTuner):
     """BERT-of-Theseus (Xu et al., EMNLP 2020) as a PEFT tuner; see [`TheseusConfig`] and the module docstring.
 
     Use it through ``peft.get_peft_model(finetuned_model, TheseusConfig(...))``; ``peft_model.merge_and_unload()``
-    returns the compressed model. Attach [`TheseusCallback`] to a ``Trainer`` to log the replacing rate.
+    returns the compressed model. Attach [`TheseusCallback`] to a ``Trainer`` to plan both phases from its length, keep
+    checkpoint selection and early stopping on phase 2, and log the replacing rate.
     """
 
     prefix = "theseus_"
@@ -83,9 +84,10 @@ class TheseusModel(ModuleTuner):
     # ------------------------------------------------------------------ building
     def _build_adapter_module(self, model: nn.Module, config, adapter_name: str) -> TheseusSuccessor:
         stacks = inspect_backbone(model, layers_path=config.layers_path).stacks
-        module_ranges = successor_build.module_ranges(
-            config, stacks
-        )  # a loaded adapter meets the predecessor it was trained on
+        for stack in stacks:
+            successor_build.check_stack_can_compress(stack)
+        # a loaded adapter meets the predecessor it was trained on
+        module_ranges = successor_build.module_ranges(config, stacks)
         for stack in stacks:
             if config.num_successor_layers > stack.num_layers:
                 raise ValueError(
@@ -114,7 +116,8 @@ class TheseusModel(ModuleTuner):
         """Per stack, the predecessor layer each successor layer starts as a copy of (see ``successor_init``)."""
         init = config.successor_init
         if getattr(config, "_theseus_loaded_from_checkpoint", False) and config.successor_sources:
-            return [list(stack_sources) for stack_sources in config.successor_sources]  # the weights load over them
+            # a record of where training started; the saved weights load over these copies
+            return successor_build.check_recorded_sources(config.successor_sources, stacks, module_ranges)
         if isinstance(init, list):
             for stack in stacks:
                 out_of_range = [index for index in init if index >= stack.num_layers]
@@ -190,12 +193,13 @@ class TheseusModel(ModuleTuner):
             _warn_once(successor, "no_phase_2", _NO_PHASE_2_WARNING)
         if distill.is_active(config, rate):  # first: the predecessor's forward must not see this forward's draws
             state["distill"] = self._gather_distillation(model, config, successor, args, kwargs)
-        if config.redraw_if_none_replaced:
-            flat_draws = draw_replacements(config.seed, int(successor.training_forwards), rate, successor.num_modules)
-        else:
-            flat_draws = draw_replacements(
-                config.seed, int(successor.training_forwards), rate, successor.num_modules, at_least_one=False
-            )
+        flat_draws = draw_replacements(
+            config.seed,
+            int(successor.training_forwards),
+            rate,
+            successor.num_modules,
+            at_least_one=config.redraw_if_none_replaced,
+        )
         successor.training_forwards += 1
         draws, start = [], 0
         for ranges in successor.modules_per_stack:
@@ -204,7 +208,7 @@ class TheseusModel(ModuleTuner):
         successor.current_draws = draws
         if not any(flat_draws) and torch.is_grad_enabled() and not any(p.requires_grad for p in model.parameters()):
             # No successor layer runs and nothing else trains: the loss would not require grad and backward would
-            # fail. The compressed stacks' outputs are made to require grad instead (see _after_stack_hook); the
+            # fail. The compressed stacks' outputs are made to require grad instead (see hooks.after_stack_hook); the
             # successor gets no gradient this step, like an unused parameter in the official code.
             state["grad_fallback"] = True
 
@@ -264,14 +268,21 @@ class TheseusModel(ModuleTuner):
             ends = distill.module_ends(layers, successor.modules_per_stack[0])
             boundaries = [None] * len(ends)
             handles = distill.record_outputs([[end] for end in ends], boundaries)
-        self.disable_adapter_layers()  # PEFT's modules_to_save heads give back the original head too
+        # PEFT's modules_to_save heads give back the original head too; enabling them again would also make every
+        # active head trainable, so their requires_grad flags are put back as they were, like each module's mode.
+        training = {module: module.training for module in model.modules()}
+        trainable = {param: param.requires_grad for param in model.parameters()}
+        self.disable_adapter_layers()
         model.eval()
         try:
             with self._predecessor_only(), torch.no_grad():
                 output = model(*args, **inputs)
         finally:
-            model.train()
             self.enable_adapter_layers()
+            for module, mode in training.items():
+                module.training = mode
+            for param, requires_grad in trainable.items():
+                param.requires_grad_(requires_grad)
             for handle in handles:
                 handle.remove()
         return output, boundaries

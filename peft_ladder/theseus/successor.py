@@ -7,7 +7,34 @@ import copy
 from torch import nn
 
 from ..backbone import LayerStack, UnsupportedModelError
+from ..quantization.inspection import is_quantized_module
+from .routing import ReplaceableLayers
 from .schedule import split_into_modules
+
+
+def check_stack_can_compress(stack: LayerStack) -> None:
+    """Refuse a stack whose successor could not train or be put in place, before anything changes."""
+    if type(stack.layers) not in (nn.ModuleList, ReplaceableLayers):
+        raise UnsupportedModelError(
+            f"The layer stack '{stack.path}' is a {type(stack.layers).__name__}, not a plain nn.ModuleList: Theseus "
+            "reroutes the list's iteration to run successor layers, which a subclass may override. Point "
+            "`layers_path` at a plain nn.ModuleList of blocks."
+        )
+    quantized = next(
+        (
+            f"{stack.path}.{index}.{name}"
+            for index, layer in enumerate(stack.layers)
+            for name, module in layer.named_modules()
+            if is_quantized_module(module)
+        ),
+        None,
+    )
+    if quantized is not None:
+        raise ValueError(
+            f"The predecessor's layers hold quantized weights ({quantized}): the successor layers start as copies of "
+            "them and must train, which quantized weights cannot. Compress the float (or bf16) predecessor, then "
+            "quantize the compressed model: peft_ladder.quantize(peft_model.merge_and_unload(), scheme)."
+        )
 
 
 def shape_record(stacks: list[LayerStack], module_ranges: list[list[range]]) -> dict:
@@ -34,6 +61,8 @@ def module_ranges(config, stacks: list[LayerStack]) -> list[list[range]]:
         return [split_into_modules(stack.num_layers, config.num_successor_layers) for stack in stacks]
     try:
         saved = [(entry["path"], entry["num_layers"], list(entry["module_sizes"])) for entry in recorded["stacks"]]
+        if not all(isinstance(size, int) and not isinstance(size, bool) for _, _, sizes in saved for size in sizes):
+            raise TypeError("integer module sizes")
     except (KeyError, TypeError) as error:
         raise ValueError(
             f"The saved predecessor_shape {recorded!r} is malformed (no {error}): expected "
@@ -60,6 +89,31 @@ def module_ranges(config, stacks: list[LayerStack]) -> list[list[range]]:
         starts = [sum(sizes[:index]) for index in range(len(sizes))]
         ranges_per_stack.append([range(start, start + size) for start, size in zip(starts, sizes)])
     return ranges_per_stack
+
+
+def check_recorded_sources(recorded, stacks: list[LayerStack], module_ranges: list[list[range]]) -> list[list[int]]:
+    """The ``successor_sources`` of a saved config, checked against the stacks: one list per stack, one predecessor
+    layer per module."""
+    expected = ", ".join(
+        f"{len(ranges)} indices below {stack.num_layers}" for stack, ranges in zip(stacks, module_ranges)
+    )
+    fits = isinstance(recorded, list) and len(recorded) == len(stacks)
+    fits = fits and all(
+        isinstance(sources, list)
+        and len(sources) == len(ranges)
+        and all(
+            isinstance(index, int) and not isinstance(index, bool) and 0 <= index < stack.num_layers
+            for index in sources
+        )
+        for sources, stack, ranges in zip(recorded, stacks, module_ranges)
+    )
+    if not fits:
+        raise ValueError(
+            f"The saved successor_sources {recorded!r} does not fit this predecessor: expected one list per "
+            f"compressed stack ({expected}). Restore it from the saved adapter, or remove successor_sources from "
+            "adapter_config.json (it is a record; the saved weights are what load)."
+        )
+    return [list(sources) for sources in recorded]
 
 
 def init_successor(predecessor: list[nn.Module], sources: list[int]) -> list[nn.Module]:

@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 from conftest import tiny_model
+from helpers import NEVER_REPLACED
 from safetensors.torch import load_file
 from torch import nn
 
@@ -251,7 +252,7 @@ def test_schedule_advances_per_optimizer_step_not_per_forward():
 
 def test_all_predecessor_draw_still_backpropagates():
     model = make_model("bert")
-    peft_model = peft.get_peft_model(model, TheseusConfig(num_successor_layers=2, replacing_rate=0.0)).train()
+    peft_model = peft.get_peft_model(model, TheseusConfig(num_successor_layers=2, **NEVER_REPLACED)).train()
     loss = peft_model(**inputs_for("bert"), labels=torch.tensor([0, 1])).loss
     loss.backward()  # the loss requires grad although no successor layer ran
     assert all(p.grad is None for p in peft_model.base_model.adapter_modules.parameters())

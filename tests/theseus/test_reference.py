@@ -123,7 +123,7 @@ def hand_built(case: Case, pattern: list[bool]) -> nn.Module:
 def training_forward(case: Case, draws: list[bool], monkeypatch) -> torch.Tensor:
     """A training-mode forward of the Theseus model in which the replacement draw returns ``draws``."""
 
-    def forced(seed, forward_index, rate, num_modules):
+    def forced(seed, forward_index, rate, num_modules, at_least_one=True):
         assert num_modules == len(draws)
         return list(draws)
 
