@@ -25,6 +25,7 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
+from .. import _config_checks as checks
 from .model import TheseusModel
 from .recipe import TheseusLRSchedule
 
@@ -59,13 +60,21 @@ class TheseusCallback(TrainerCallback):
                 f"early_stopping_patience must be None or an integer >= 1; got {early_stopping_patience!r}."
             )
         self.early_stopping_patience = early_stopping_patience
-        self.early_stopping_threshold = early_stopping_threshold
+        self.early_stopping_threshold = checks.check_real("early_stopping_threshold", early_stopping_threshold, 0)
 
     # ------------------------------------------------------------------ plan
     def on_train_begin(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
         tuner = _tuner_of(model)
         if tuner is None:
             return
+        if self.early_stopping_patience is not None and (
+            args.metric_for_best_model is None or args.eval_strategy == "no"
+        ):
+            raise ValueError(
+                "TheseusCallback(early_stopping_patience=...) needs evaluations and a metric: set eval_strategy and "
+                "metric_for_best_model in the TrainingArguments (and load_best_model_at_end=True to get the best "
+                "phase-2 checkpoint back)."
+            )
         config = tuner.peft_config[tuner.active_adapter]
         if config.total_steps is None or config.__dict__.get(FROM_TRAINER):
             config.total_steps = state.max_steps
@@ -95,14 +104,6 @@ class TheseusCallback(TrainerCallback):
                 UserWarning,
                 stacklevel=2,
             )
-        if self.early_stopping_patience is not None and (
-            args.metric_for_best_model is None or args.eval_strategy == "no"
-        ):
-            raise ValueError(
-                "TheseusCallback(early_stopping_patience=...) needs evaluations and a metric: set eval_strategy and "
-                "metric_for_best_model in the TrainingArguments (and load_best_model_at_end=True to get the best "
-                "phase-2 checkpoint back)."
-            )
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         tuner = _tuner_of(model)
@@ -119,12 +120,13 @@ class TheseusCallback(TrainerCallback):
         tuner = _tuner_of(model)
         if self.early_stopping_patience is None or tuner is None or args.metric_for_best_model is None:
             return
-        phase_1 = tuner.replacing_steps()
-        if phase_1 is None or state.global_step <= phase_1:
+        if _phase(tuner) != 2:
             return
         key = args.metric_for_best_model
         key = key if key.startswith("eval_") else f"eval_{key}"
-        values = [entry[key] for entry in state.log_history if key in entry and entry.get("step", 0) > phase_1]
+        # The phase on_log recorded with each evaluation, read from the adapter's optimizer steps: the Trainer's
+        # global_step also counts steps whose update was skipped (an fp16 overflow), which never advanced the phase.
+        values = [entry[key] for entry in state.log_history if key in entry and entry.get(PHASE_KEY) == 2]
         greater_is_better = args.greater_is_better if args.greater_is_better is not None else True
         best = 0
         for index, value in enumerate(values):
@@ -139,11 +141,16 @@ class TheseusCallback(TrainerCallback):
         tuner = _tuner_of(model)
         if tuner is None or logs is None or tuner.active_adapter_module is None:
             return
-        phase_1, steps = tuner.replacing_steps(), int(tuner.active_adapter_module.optimizer_steps)
-        values = {LOG_KEY: tuner.replacing_rate(), PHASE_KEY: 2 if phase_1 is not None and steps > phase_1 else 1}
+        values = {LOG_KEY: tuner.replacing_rate(), PHASE_KEY: _phase(tuner)}
         logs.update(values)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)
+
+
+def _phase(tuner: TheseusModel) -> int:
+    """The phase of the optimizer steps taken so far: 1 up to the last phase-1 step, then 2."""
+    phase_1, steps = tuner.replacing_steps(), int(tuner.active_adapter_module.optimizer_steps)
+    return 2 if phase_1 is not None and steps > phase_1 else 1
 
 
 def _tuner_of(model) -> Optional[TheseusModel]:

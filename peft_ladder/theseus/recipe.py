@@ -43,9 +43,10 @@ def decay_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class TheseusLRSchedule(LRScheduler):
     """A learning-rate schedule in two segments, phase 1 and phase 2, each with its own warmup and decay.
 
-    The segment boundary and the run's length come from the Theseus adapter of ``model`` at every step (its
-    ``replacing_steps`` and ``total_steps``; :class:`~peft_ladder.TheseusCallback` fills ``total_steps`` in from the
-    Trainer), so the schedule can be built before the Trainer knows how long the run is.
+    The segment boundary, the run's length and the step it is at come from the Theseus adapter of ``model`` at every
+    step (its ``replacing_steps``, ``total_steps`` and optimizer-step counter; :class:`~peft_ladder.TheseusCallback`
+    fills ``total_steps`` in from the Trainer), so the schedule can be built before the Trainer knows how long the run
+    is, and it never disagrees with the replacing rate.
 
     Within a segment of ``L`` steps with ``W`` warmup steps, step ``t`` gets ``peak · (t + 1) / (W + 1)`` while
     warming up (no step runs at learning rate 0), then, for ``"linear"``, ``peak · (L - t) / (L - W)``, for
@@ -79,9 +80,7 @@ class TheseusLRSchedule(LRScheduler):
     # ------------------------------------------------------------------ the schedule
     def phases(self) -> tuple[Optional[int], Optional[int]]:
         """(optimizer steps of phase 1, planned steps of the run), as the adapter knows them now."""
-        tuner = self._tuner()
-        if tuner is None:
-            raise RuntimeError("The Theseus model this schedule follows no longer exists.")
+        tuner = self._live_tuner()
         config = tuner.peft_config[tuner.active_adapter]
         return tuner.replacing_steps(), config.total_steps
 
@@ -113,13 +112,25 @@ class TheseusLRSchedule(LRScheduler):
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return (length - step) / max(length - warmup, 1)
 
+    def steps_taken(self) -> int:
+        """Optimizer steps the adapter has taken: the step the schedule is at, counted where the replacing rate
+        counts it, so a step the optimizer skipped (an fp16 overflow) or a schedule built afresh for an adapter that
+        already trained moves neither."""
+        return int(self._live_tuner().active_adapter_module.optimizer_steps)
+
+    def _live_tuner(self) -> TheseusModel:
+        tuner = self._tuner()
+        if tuner is None:
+            raise RuntimeError("The Theseus model this schedule follows no longer exists.")
+        return tuner
+
     def get_lr(self) -> list[float]:
-        factor = self.factor(max(self.last_epoch, 0))
+        factor = self.factor(self.steps_taken())
         return [base_lr * factor for base_lr in self.base_lrs]
 
     def refresh(self) -> None:
         """Set the groups' learning rates for the current step again (after the run's plan changed)."""
-        factor = self.factor(max(self.last_epoch, 0))
+        factor = self.factor(self.steps_taken())
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base_lr * factor
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]

@@ -146,3 +146,19 @@ def test_hidden_term_on_two_stacks_is_refused():
 
 def _hidden(output):
     return output[0] if isinstance(output, tuple) else output
+
+
+def test_the_predecessors_forward_leaves_each_modules_mode_and_trainable_flags_as_they_were():
+    model = predecessor()
+    peft_model = peft.get_peft_model(
+        model,
+        TheseusConfig(
+            num_successor_layers=2, total_steps=10, distill_hidden_weight=1.0, modules_to_save=["classifier"]
+        ),
+    ).train()
+    head = peft_model.base_model.model.classifier.modules_to_save["default"]
+    head.requires_grad_(False)  # a head the user froze, and a dropout the user keeps in eval mode
+    dropout = peft_model.base_model.model.bert.embeddings.dropout.eval()
+    peft_model(**batch()).loss.backward()  # the hidden term runs the predecessor alone first
+    assert not any(param.requires_grad for param in head.parameters())
+    assert not dropout.training and peft_model.base_model.model.bert.encoder.training

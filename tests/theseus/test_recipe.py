@@ -183,6 +183,26 @@ def test_early_stopping_counts_phase_2_evaluations_only(tmp_path):
     assert trainer.state.global_step == 5
 
 
+def test_early_stopping_without_evaluations_is_refused_before_the_plan_changes(tmp_path):
+    peft_model = new_model()
+    args = training_args(tmp_path, eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
+    trainer = transformers.Trainer(
+        model=peft_model,
+        args=args,
+        train_dataset=ListDataset(40),
+        optimizers=theseus_optimizers(peft_model, args),
+        callbacks=[TheseusCallback(early_stopping_patience=2)],
+    )
+    with pytest.raises(ValueError, match="needs evaluations and a metric"):
+        trainer.train()
+    assert peft_model.peft_config["default"].total_steps is None
+
+
+def test_early_stopping_threshold_must_be_a_non_negative_number():
+    with pytest.raises(ValueError, match="early_stopping_threshold must be a finite number >= 0"):
+        TheseusCallback(early_stopping_patience=2, early_stopping_threshold=-0.1)
+
+
 # ---------------------------------------------------------------------------------------------------- plain loops
 def plain_loop(peft_model, steps: int, schedule=True):
     optimizer = torch.optim.AdamW(decay_parameter_groups(peft_model, 0.01), lr=LR)
@@ -230,6 +250,22 @@ def test_schedule_without_a_plan_fails_naming_the_fix():
     optimizer.step()
     with pytest.raises(RuntimeError, match="add TheseusCallback"):
         schedule.step()
+
+
+def test_schedule_follows_the_adapters_steps_not_its_own_calls():
+    model = tiny_model("bert", transformers.AutoModelForSequenceClassification)
+    peft_model = peft.get_peft_model(model, TheseusConfig(num_successor_layers=2, total_steps=6))
+    successor = peft_model.base_model.adapter_modules["default"]
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=LR)
+    schedule = TheseusLRSchedule(optimizer, peft_model, warmup_steps=1)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(LR / 2)  # step 0 warms up
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "lr_scheduler.step() before optimizer.step()"
+        schedule.step()  # an optimizer step skipped (an fp16 overflow): the adapter did not move, nor does the rate
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(LR / 2)
+    successor.optimizer_steps += 4  # an adapter that already trained into phase 2 (3 + 1 steps) ...
+    fresh = TheseusLRSchedule(optimizer, peft_model, warmup_steps=1)  # ... gets a fresh schedule where it is
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(LR) == fresh.get_last_lr()[0]
 
 
 # ---------------------------------------------------------------------------------------------------- schedule
