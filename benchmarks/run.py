@@ -138,7 +138,10 @@ def _apply_overrides(spec: dict, overrides: dict) -> None:
         if overrides.get("steps") is not None and isinstance(spec["steps"], int) and spec["steps"] > 0:
             spec["steps"] = overrides["steps"]
         if overrides.get("seeds") is not None:
-            spec["seeds"] = list(overrides["seeds"])
+            # The declared first seed keeps choosing the rate: `--seeds 3 4` adds seeds to the finals, it does not
+            # rerun every grid at seed 3 (where it might choose other rates than the runs it is compared with).
+            selection = spec["seeds"][0]
+            spec["seeds"] = [selection, *[seed for seed in overrides["seeds"] if seed != selection]]
         for field in ("train_examples", "eval_examples"):
             if overrides.get(field) is not None:
                 spec["data"][field] = overrides[field]
@@ -628,7 +631,8 @@ def _chosen(runs: list[dict], experiment: Experiment, metric: str, all_runs: dic
     if isinstance(rates, dict):
         source = next(e for e in all_runs if e.name == rates["from"] and e.suite == experiment.suite)
         return _chosen(all_runs[source], source, metric, all_runs)
-    first = [run for run in runs if run["seed"] == experiment.spec["seeds"][0]]
+    # in numeric order of rates, as the runner chooses: a tie goes to the lower rate in both
+    first = sorted((run for run in runs if run["seed"] == experiment.spec["seeds"][0]), key=lambda run: run["lr"])
     if not first:
         return None
     better = max if metric == "accuracy" else min
@@ -653,7 +657,8 @@ def report(experiments: list[Experiment], results: Path) -> str:
         metric = data.METRICS[experiment.spec["data"]["dataset"]]
         scale, digits = (100.0, 1) if metric == "accuracy" else (1.0, 2)
         lr = _chosen(runs, experiment, metric, all_runs)
-        chosen = {run["seed"]: run for run in runs if run["lr"] == lr}
+        # the seeds this report covers: more cached ones (another command's --seeds) would unpair the shares kept
+        chosen = {run["seed"]: run for run in runs if run["lr"] == lr and run["seed"] in experiment.spec["seeds"]}
         tests_by_name[experiment.name] = {seed: run["test"] for seed, run in chosen.items()}
         correct_by_name[experiment.name] = {
             seed: [bit == "1" for bit in run["test_correct"]] for seed, run in chosen.items() if "test_correct" in run
@@ -721,10 +726,17 @@ def _versus_one(
     experiment: Experiment, reference: str, tests_by_name: dict, metric: str, correct_by_name: dict
 ) -> str:
     mine, theirs = tests_by_name[experiment.name], tests_by_name[reference]
-    paired = [mine[seed] - theirs[seed] for seed in mine if seed in theirs]
+    common = [seed for seed in mine if seed in theirs]
+    paired = [mine[seed] - theirs[seed] for seed in common]
     parts = []
-    if metric == "accuracy":
-        retained = stats.mean_std(list(mine.values()))[0] / stats.mean_std(list(theirs.values()))[0]
+    # a share of the same models: on the seeds both ran, or over all of mine against a reference trained once
+    shared_reference = len(theirs) == 1
+    my_seeds, their_seeds = (list(mine), list(theirs)) if shared_reference else (common, common)
+    if metric == "accuracy" and my_seeds:
+        retained = (
+            stats.mean_std([mine[seed] for seed in my_seeds])[0]
+            / stats.mean_std([theirs[seed] for seed in their_seeds])[0]
+        )
         parts.append(f"{100 * retained:.1f}% of {reference}")
     if paired:
         scale = 100.0 if metric == "accuracy" else 1.0
@@ -756,7 +768,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="optimizer steps of every training experiment")
     parser.add_argument("--train-examples", type=int, help="first N training examples")
     parser.add_argument("--eval-examples", type=int, help="first N validation and test examples")
-    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (the first one chooses the learning rate)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="seeds to run, besides the declared first one, which always chooses the learning rate",
+    )
     parser.add_argument("--model-dir", type=Path, help="a copy of all-MiniLM-L6-v2 (a machine without the assets)")
     parser.add_argument("--data-json", type=Path, help="Rotten Tomatoes splits from python -m benchmarks.data FILE")
     parser.add_argument("--threads", type=int, help="torch CPU threads")

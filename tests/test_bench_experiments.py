@@ -107,6 +107,32 @@ def test_report_chooses_on_validation_and_summarises_test_over_seeds(tmp_path):
     assert "| 101.3% of lst; paired diff vs lst 1.00 ± 1.00 (n=3, 95% bootstrap CI over seeds [" in table[3]
 
 
+def test_report_covers_the_declared_seeds_breaks_ties_to_the_lower_rate_and_shares_on_common_seeds(tmp_path):
+    suite = run.select(["lst_quality/lst-add"], {})["lst_quality"]
+    lst, add = suite
+    # a tie on validation goes to the lower rate, as the runner chooses; seed 3 (another command's --seeds) stays out
+    _write_runs(
+        tmp_path,
+        lst,
+        [
+            (1e-3, 0, 0.80, 0.80),
+            (1e-3, 1, 0.0, 0.60),
+            (1e-3, 2, 0.0, 0.70),
+            (1e-3, 3, 0.0, 0.10),
+            (3e-3, 0, 0.80, 0.9),
+        ],
+    )
+    _write_runs(tmp_path, add, [(1e-3, 0, 0.75, 0.80), (1e-3, 1, 0.0, 0.60)])  # seeds 0 and 1 only (its rate is lst's)
+    table = run.report(suite, tmp_path).splitlines()
+    assert table[2].startswith("| lst | 0.001 | 1,234 | 0.001: 80.0, 0.003: 80.0 | 70.0 ± 10.0 (n=3) |")
+    assert "| 100.0% of lst; paired diff vs lst 0.00 ± 0.00 (n=2," in table[3]  # 70 / 70 on seeds 0 and 1
+
+
+def test_more_seeds_on_the_command_line_keep_the_declared_first_seed_choosing_the_rate():
+    spec = run.select(["lst_protocol/lst"], {"seeds": [3, 4]})["lst_protocol"][-1].spec
+    assert spec["seeds"] == [0, 3, 4]
+
+
 IMDB_SUITE = {
     "base", "lora", "lora-all-linear", "full", "lst", "lst-tap-norm", "lst-add-normed", "lst-add-normed-tap-norm",
     "lst-random-init", "lst-r4", "lst-layer-dropped",
