@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import re
 import sys
@@ -264,11 +265,17 @@ def theseus_layer_passes(config: dict, steps: int, depth: int) -> float:
     return total
 
 
+def _models_loaded(spec: dict) -> dict[str, str]:
+    """The experiments whose saved models a run starts from (``init_from``) or learns from (``teacher``)."""
+    names = {"init_from": spec.get("init_from"), "teacher": (spec.get("distill") or {}).get("teacher")}
+    return {role: name for role, name in names.items() if name}
+
+
 def _dependencies(spec: dict) -> list[str]:
-    names = [spec.get("init_from"), (spec.get("distill") or {}).get("teacher")]
+    names = list(_models_loaded(spec).values())
     if isinstance(spec.get("learning_rate"), dict):
         names.append(spec["learning_rate"]["from"])
-    return [name for name in names if name]
+    return names
 
 
 MAX_GRID_EXTENSIONS = 3
@@ -391,6 +398,14 @@ class Runner:
         self.result(source, lr, seed)
         return self.run_path(source, lr, seed).with_suffix("")
 
+    def models_loaded(self, experiment: Experiment, seed: int) -> dict[str, Path]:
+        """The other experiments' saved models a run of ``experiment`` at ``seed`` starts from (``init_from``) or
+        learns from (a distillation ``teacher``), trained first if they are not yet."""
+        return {
+            role: self.trained_model(experiment.suite, name, seed)
+            for role, name in _models_loaded(experiment.spec).items()
+        }
+
     def result(self, experiment: Experiment, lr: float, seed: int) -> dict:
         path = self.run_path(experiment, lr, seed)
         if path.exists():
@@ -400,6 +415,15 @@ class Runner:
                     f"{path} was produced with other settings than {experiment.key} declares now; pass another "
                     "--results folder (or delete that file to rerun it)."
                 )
+            recorded = cached.get("models_loaded")  # absent from results written before it was recorded
+            if recorded is not None:
+                now = {role: weights_digest(model) for role, model in self.models_loaded(experiment, seed).items()}
+                if recorded != now:
+                    raise SystemExit(
+                        f"{path} started from other models than {experiment.key} would load now ({recorded} vs "
+                        f"{now}): the model it depends on was trained again. Delete that file to rerun it, or pass "
+                        "another --results folder."
+                    )
             if not experiment.spec.get("save_model") or (path.with_suffix("") / "config.json").exists():
                 return cached
         print(f"[{experiment.key}] lr={lr:g} seed={seed}: training", flush=True)
@@ -419,9 +443,8 @@ class Runner:
         auto_class = transformers.AutoModelForSequenceClassification
         if task_type == "CAUSAL_LM":
             auto_class = transformers.AutoModelForCausalLM
-        weights = self.base_model(spec)
-        if spec.get("init_from"):
-            weights = self.trained_model(experiment.suite, spec["init_from"], seed)
+        loaded = self.models_loaded(experiment, seed)
+        weights = loaded.get("init_from") or self.base_model(spec)
         extra = {"num_labels": 2} if task_type == "SEQ_CLS" and not spec.get("init_from") else {}
         transformers.set_seed(seed)  # a new head, LoRA's A matrices, random side weights
         model = auto_class.from_pretrained(weights, dtype=torch.float32, **extra)
@@ -448,8 +471,7 @@ class Runner:
             peft_ladder.quantize(model.get_base_model(), quantize["scheme"])
         teacher = None
         if spec.get("distill"):
-            teacher_dir = self.trained_model(experiment.suite, spec["distill"]["teacher"], seed)
-            teacher = auto_class.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+            teacher = auto_class.from_pretrained(loaded["teacher"], dtype=torch.float32).eval()
         trainable = training.trainable_parameters(model) if spec["steps"] > 0 else 0
         started = time.perf_counter()
         last_log = None
@@ -513,6 +535,8 @@ class Runner:
             result["deploy"] = self.deploy(final, splits, spec["deploy"])
         if spec.get("save_model"):
             final.save_pretrained(run_dir)
+        if loaded:  # checked when the result is reused: the models it depends on must not have been retrained
+            result["models_loaded"] = {role: weights_digest(model) for role, model in loaded.items()}
         result["settings"] = spec
         result["environment"] = environment()
         return result
@@ -585,6 +609,16 @@ class Runner:
         for experiment in experiments:
             if experiment.spec["kind"] == "latency":
                 self.latency(experiment)
+
+
+def weights_digest(model_dir: Path) -> str:
+    """SHA-256 of a saved model's weight files: which trained model a run started from."""
+    digest = hashlib.sha256()
+    for weights in sorted(Path(model_dir).glob("*.safetensors")):
+        with weights.open("rb") as file:
+            for chunk in iter(lambda: file.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def theseus_record(model, selection) -> dict:

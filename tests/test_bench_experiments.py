@@ -205,6 +205,34 @@ def test_more_seeds_or_another_reference_keep_the_cached_runs(tmp_path):
     assert run.Runner({"lst_protocol": [more]}, tmp_path).result(more, 1e-3, 0)["validation"] == 0.7
 
 
+def test_a_cached_run_is_refused_once_the_model_it_started_from_was_trained_again(tmp_path):
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "pre.json").write_text(
+        json.dumps({"method": "full", "learning_rate": [1e-3], "steps": 1, "save_model": True})
+    )
+    (suite / "post.json").write_text(
+        json.dumps({"method": "theseus", "init_from": "pre", "learning_rate": [1e-3], "steps": 1, "config": {}})
+    )
+    pre, post = run.select([str(suite / "post.json")], {})["suite"]
+    results = tmp_path / "results"
+    _write_runs(results, pre, [(1e-3, 0, 0.8, 0.8)])
+    saved = results / "suite" / "pre" / "lr=0.001-seed=0"
+    saved.mkdir()
+    (saved / "config.json").write_text("{}")
+    (saved / "model.safetensors").write_bytes(b"the predecessor")
+    _write_runs(results, post, [(1e-3, 0, 0.7, 0.7)])
+    cached = results / "suite" / "post" / "lr=0.001-seed=0.json"
+    cached.write_text(
+        json.dumps({**json.loads(cached.read_text()), "models_loaded": {"init_from": run.weights_digest(saved)}})
+    )
+    runner = run.Runner({"suite": [pre, post]}, results)
+    assert runner.result(post, 1e-3, 0)["validation"] == 0.7
+    (saved / "model.safetensors").write_bytes(b"the predecessor, trained again")
+    with pytest.raises(SystemExit, match="started from other models than suite/post would load now"):
+        runner.result(post, 1e-3, 0)
+
+
 def test_extended_grid_steps_past_the_edge_at_the_grids_own_ratio():
     assert run.extended_grid([1e-3, 3e-3, 1e-2], best=1e-2) == [1e-3, 3e-3, 1e-2, 0.0333]
     assert run.extended_grid([1e-3, 3e-3, 1e-2], best=1e-3) == [0.000333, 1e-3, 3e-3, 1e-2]
