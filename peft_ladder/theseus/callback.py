@@ -149,8 +149,11 @@ class TheseusCallback(TrainerCallback):
 
 def _phase(tuner: TheseusModel) -> int:
     """The phase of the optimizer steps taken so far: 1 up to the last phase-1 step, then 2."""
-    phase_1, steps = tuner.replacing_steps(), int(tuner.active_adapter_module.optimizer_steps)
-    return 2 if phase_1 is not None and steps > phase_1 else 1
+    successor = tuner.active_adapter_module
+    if successor is None:  # no active adapter: nothing trains, nothing is in phase 2
+        return 1
+    phase_1 = tuner.replacing_steps()
+    return 2 if phase_1 is not None and int(successor.optimizer_steps) > phase_1 else 1
 
 
 def _tuner_of(model) -> Optional[TheseusModel]:
