@@ -683,6 +683,7 @@ def report(experiments: list[Experiment], results: Path) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     tests_by_name, correct_by_name, samples = {}, {}, {}
+    declared_seeds = {experiment.name: experiment.spec["seeds"] for experiment in trained}
     for experiment in trained:
         runs = all_runs[experiment]
         if not runs:
@@ -725,7 +726,9 @@ def report(experiments: list[Experiment], results: Path) -> str:
         metric = data.METRICS[experiment.spec["data"]["dataset"]]
         placeholder = f"{{versus:{experiment.name}}}"
         versus = (
-            _versus(experiment, tests_by_name, metric, correct_by_name) if experiment.name in tests_by_name else ""
+            _versus(experiment, tests_by_name, metric, correct_by_name, declared_seeds)
+            if experiment.name in tests_by_name
+            else ""
         )
         lines = [line.replace(placeholder, versus) for line in lines]
     for experiment in experiments:
@@ -743,13 +746,15 @@ def report(experiments: list[Experiment], results: Path) -> str:
     return "\n".join(lines)
 
 
-def _versus(experiment: Experiment, tests_by_name: dict, metric: str, correct_by_name: dict) -> str:
+def _versus(
+    experiment: Experiment, tests_by_name: dict, metric: str, correct_by_name: dict, declared_seeds: dict
+) -> str:
     """Test figure against each ``compare_to`` experiment's (one name or a list): share retained (accuracy) and the
     paired difference, one reference per line of the cell."""
     references = experiment.spec.get("compare_to") or []
     references = [references] if isinstance(references, str) else references
     comparisons = [
-        _versus_one(experiment, reference, tests_by_name, metric, correct_by_name)
+        _versus_one(experiment, reference, tests_by_name, metric, correct_by_name, declared_seeds)
         for reference in references
         if reference in tests_by_name
     ]
@@ -757,14 +762,20 @@ def _versus(experiment: Experiment, tests_by_name: dict, metric: str, correct_by
 
 
 def _versus_one(
-    experiment: Experiment, reference: str, tests_by_name: dict, metric: str, correct_by_name: dict
+    experiment: Experiment,
+    reference: str,
+    tests_by_name: dict,
+    metric: str,
+    correct_by_name: dict,
+    declared_seeds: dict,
 ) -> str:
     mine, theirs = tests_by_name[experiment.name], tests_by_name[reference]
     common = [seed for seed in mine if seed in theirs]
     paired = [mine[seed] - theirs[seed] for seed in common]
     parts = []
-    # a share of the same models: on the seeds both ran, or over all of mine against a reference trained once
-    shared_reference = len(theirs) == 1
+    # a share of the same models: on the seeds both ran, or over all of mine against a reference declared with one
+    # seed (a teacher trained once, which every seed learns from); a reference with seeds still to run is not one
+    shared_reference = len(declared_seeds[reference]) == 1
     my_seeds, their_seeds = (list(mine), list(theirs)) if shared_reference else (common, common)
     if metric == "accuracy" and my_seeds:
         retained = (

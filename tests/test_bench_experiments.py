@@ -128,6 +128,15 @@ def test_report_covers_the_declared_seeds_breaks_ties_to_the_lower_rate_and_shar
     assert "| 100.0% of lst; paired diff vs lst 0.00 ± 0.00 (n=2," in table[3]  # 70 / 70 on seeds 0 and 1
 
 
+def test_a_share_against_a_reference_with_seeds_still_to_run_uses_the_seeds_it_ran(tmp_path):
+    suite = run.select(["lst_quality/lst-add"], {})["lst_quality"]
+    lst, add = suite
+    _write_runs(tmp_path, lst, [(1e-3, 0, 0.80, 0.80)])  # declared with 3 seeds, seed 0 run so far
+    _write_runs(tmp_path, add, [(1e-3, 0, 0.75, 0.80), (1e-3, 1, 0.0, 0.40), (1e-3, 2, 0.0, 0.40)])
+    table = run.report(suite, tmp_path).splitlines()
+    assert "| 100.0% of lst; paired diff vs lst 0.00 ± 0.00 (n=1," in table[3]  # seed 0 alone, not 53.3 / 80
+
+
 def test_more_seeds_on_the_command_line_keep_the_declared_first_seed_choosing_the_rate():
     spec = run.select(["lst_protocol/lst"], {"seeds": [3, 4]})["lst_protocol"][-1].spec
     assert spec["seeds"] == [0, 3, 4]
