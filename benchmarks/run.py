@@ -388,15 +388,21 @@ class Runner:
         print(f"[{experiment.key}] the best rate {best:g} is still at the grid's edge after extending it", flush=True)
         return best
 
-    def trained_model(self, suite: str, name: str, seed: int) -> Path:
-        """Another experiment's saved model at its chosen rate, at ``seed`` if it runs that seed, else at its first."""
+    def saved_model(self, suite: str, name: str, seed: int) -> tuple[Experiment, float, int, Path]:
+        """Where another experiment's model at its chosen rate is saved, at ``seed`` if it runs that seed, else at
+        its first (the folder may not exist yet)."""
         source = self.experiment(suite, name)
         if not source.spec.get("save_model"):
             raise ValueError(f"{source.key} must set save_model to be used by another experiment")
         seed = seed if seed in source.spec["seeds"] else source.spec["seeds"][0]
         lr = self.chosen_lr(source)
-        self.result(source, lr, seed)
-        return self.run_path(source, lr, seed).with_suffix("")
+        return source, lr, seed, self.run_path(source, lr, seed).with_suffix("")
+
+    def trained_model(self, suite: str, name: str, seed: int) -> Path:
+        """Another experiment's saved model (see ``saved_model``), trained first if it is not on disk."""
+        source, lr, seed, model = self.saved_model(suite, name, seed)
+        self.result(source, lr, seed, with_model=True)
+        return model
 
     def models_loaded(self, experiment: Experiment, seed: int) -> dict[str, Path]:
         """The other experiments' saved models a run of ``experiment`` at ``seed`` starts from (``init_from``) or
@@ -406,7 +412,22 @@ class Runner:
             for role, name in _models_loaded(experiment.spec).items()
         }
 
-    def result(self, experiment: Experiment, lr: float, seed: int) -> dict:
+    def check_models_loaded(self, experiment: Experiment, seed: int, cached: dict, path: Path) -> None:
+        """Refuses a cached result whose ``init_from`` or teacher model was trained again since. A model that is
+        not on disk is not trained just to be compared: the result stands on its recorded digest."""
+        recorded = cached.get("models_loaded")  # absent from results written before it was recorded
+        for role, name in _models_loaded(experiment.spec).items() if recorded is not None else ():
+            model = self.saved_model(experiment.suite, name, seed)[-1]
+            if (model / "config.json").exists() and weights_digest(model) != recorded[role]:
+                raise SystemExit(
+                    f"{path} started from other models than {experiment.key} would load now (its {role} {model} "
+                    "was trained again). Delete that file to rerun it, or pass another --results folder."
+                )
+
+    def result(self, experiment: Experiment, lr: float, seed: int, *, with_model: bool = False) -> dict:
+        """One run's result, from the cache when it holds it, else trained now. ``with_model``: the run's saved
+        model is needed too (another run starts from it), so a cached result whose model is not on disk (results
+        copied from another machine) is trained again."""
         path = self.run_path(experiment, lr, seed)
         if path.exists():
             cached = json.loads(path.read_text())
@@ -415,16 +436,8 @@ class Runner:
                     f"{path} was produced with other settings than {experiment.key} declares now; pass another "
                     "--results folder (or delete that file to rerun it)."
                 )
-            recorded = cached.get("models_loaded")  # absent from results written before it was recorded
-            if recorded is not None:
-                now = {role: weights_digest(model) for role, model in self.models_loaded(experiment, seed).items()}
-                if recorded != now:
-                    raise SystemExit(
-                        f"{path} started from other models than {experiment.key} would load now ({recorded} vs "
-                        f"{now}): the model it depends on was trained again. Delete that file to rerun it, or pass "
-                        "another --results folder."
-                    )
-            if not experiment.spec.get("save_model") or (path.with_suffix("") / "config.json").exists():
+            self.check_models_loaded(experiment, seed, cached, path)
+            if not with_model or (path.with_suffix("") / "config.json").exists():
                 return cached
         print(f"[{experiment.key}] lr={lr:g} seed={seed}: training", flush=True)
         result = self.train(experiment, lr, seed, path.with_suffix(""))

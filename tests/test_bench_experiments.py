@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import types
 
 import pytest
@@ -214,7 +215,7 @@ def test_more_seeds_or_another_reference_keep_the_cached_runs(tmp_path):
     assert run.Runner({"lst_protocol": [more]}, tmp_path).result(more, 1e-3, 0)["validation"] == 0.7
 
 
-def test_a_cached_run_is_refused_once_the_model_it_started_from_was_trained_again(tmp_path):
+def test_a_cached_run_is_refused_once_the_model_it_started_from_was_trained_again(tmp_path, monkeypatch):
     suite = tmp_path / "suite"
     suite.mkdir()
     (suite / "pre.json").write_text(
@@ -240,6 +241,20 @@ def test_a_cached_run_is_refused_once_the_model_it_started_from_was_trained_agai
     (saved / "model.safetensors").write_bytes(b"the predecessor, trained again")
     with pytest.raises(SystemExit, match="started from other models than suite/post would load now"):
         runner.result(post, 1e-3, 0)
+
+    # results copied without their models: scores are read from the record, a model is trained only when needed
+    shutil.rmtree(saved)
+    trained = []
+
+    def train(experiment, lr, seed, run_dir):
+        trained.append(experiment.key)
+        return {"validation": 0.8, "test": 0.8, "train_seconds": 0.0}
+
+    monkeypatch.setattr(runner, "train", train)
+    assert runner.result(post, 1e-3, 0)["validation"] == 0.7 and runner.chosen_lr(pre) == 1e-3
+    assert trained == []
+    runner.trained_model("suite", "pre", 0)
+    assert trained == ["suite/pre"]
 
 
 def test_extended_grid_steps_past_the_edge_at_the_grids_own_ratio():
