@@ -145,7 +145,7 @@ def test_more_seeds_on_the_command_line_keep_the_declared_first_seed_choosing_th
 
 IMDB_SUITE = {
     "base", "lora", "lora-all-linear", "full", "lst", "lst-tap-norm", "lst-add-normed", "lst-add-normed-tap-norm",
-    "lst-random-init", "lst-r4", "lst-layer-dropped",
+    "lst-add-normed-scalar-gate", "lst-random-init", "lst-r4", "lst-layer-dropped",
 }  # fmt: skip
 
 
@@ -170,6 +170,7 @@ def test_the_imdb_causal_lm_protocol_compares_lst_with_lora_on_one_budget_and_on
     assert suite["lora"]["config"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert len(suite["lora-all-linear"]["config"]["target_modules"]) == 7
     assert suite["lst-add-normed-tap-norm"]["config"] == {"output_mode": "add_normed", "ladder_norm": "tap"}
+    assert suite["lst-add-normed-scalar-gate"]["config"] == {"output_mode": "add_normed", "output_gate": "scalar"}
     assert suite["lst-layer-dropped"]["config"] == {"side_layers": list(range(1, 30, 2))}
 
 

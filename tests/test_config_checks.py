@@ -49,6 +49,7 @@ INDICES = r"None \(every layer\) or a non-empty list of layer indices \(integers
         ("gate_init", -INF, "a finite number"),
         ("init", "xavier", "one of 'pruned', 'fisher', 'random'"),
         ("output_mode", "concat", "None or one of 'replace', 'add'"),
+        ("output_gate", "matrix", "one of 'vector', 'scalar'"),
         ("side_dropout", 1.0, r"a finite number in \[0, 1\)"),
         ("side_dropout", NAN, r"a finite number in \[0, 1\)"),
         ("side_dropout", -0.1, r"a finite number in \[0, 1\)"),
@@ -97,6 +98,13 @@ def test_ladder_side_config_refuses_wrong_types_and_ranges(field, value, accepte
 def test_theseus_config_refuses_wrong_types_and_ranges(field, value, accepted):
     with pytest.raises(ValueError, match=rf"^{field} must be {accepted}"):
         TheseusConfig(**{field: value})
+
+
+@pytest.mark.parametrize("output_mode", [None, "add", "replace"])
+def test_a_scalar_output_gate_needs_the_output_mode_that_has_the_gate(output_mode):
+    with pytest.raises(ValueError, match="output_gate='scalar' sets the gate of output_mode='add_normed'"):
+        LadderSideConfig(task_type="CAUSAL_LM", output_mode=output_mode, output_gate="scalar")
+    assert LadderSideConfig(output_mode="add_normed", output_gate="scalar").output_gate == "scalar"
 
 
 def test_valid_values_are_kept_in_plain_python_types():

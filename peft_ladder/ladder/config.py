@@ -17,6 +17,7 @@ PRUNING_STRATEGIES = ("residual", "chain")
 LADDER_INITS = ("selection", "random")
 OUTPUT_MODES = ("replace", "add", "add_normed")
 LADDER_NORMS = ("none", "tap")
+OUTPUT_GATES = ("vector", "scalar")
 SIDE_BLOCKS = ("backbone", "generic")
 # Fields the saved weights depend on: a saved config without them must not silently fall back to the defaults.
 FIELDS_THE_WEIGHTS_NEED = ("reduction_factor", "side_layers")
@@ -92,6 +93,10 @@ class LadderSideConfig(PeftConfig):
             exact at step 0. `None` (default) picks `"add"` for every task type: it keeps a pretrained LM intact at
             step 0 and starts a new head as a probe of the frozen model's own features. `BENCHMARKS.md` compares
             the modes. Choose `"replace"` to follow the paper.
+        output_gate (`str`):
+            The learned gate g of `output_mode="add_normed"` (`norm(h) + g * up(s)`): `"vector"` (default), one value
+            per hidden dimension; `"scalar"`, one value for the whole side output. Both start at one. Only
+            `"add_normed"` has this gate, so `"scalar"` with another output mode is refused.
         side_dropout (`float`):
             Dropout applied to the down-projected embeddings that start the side stream and before the
             up-projection, as in the official code. Defaults to `0.1`.
@@ -159,6 +164,9 @@ class LadderSideConfig(PeftConfig):
     output_mode: Optional[Literal["replace", "add", "add_normed"]] = field(
         default=None, metadata={"help": "How the side output meets the head: replace or add (None = by task)."}
     )
+    output_gate: Literal["vector", "scalar"] = field(
+        default="vector", metadata={"help": "The add_normed output gate: per dimension (vector) or one scalar."}
+    )
     side_dropout: float = field(default=0.1, metadata={"help": "Dropout in the side stream."})
     layers_path: Optional[Union[str, list[str]]] = field(
         default=None, metadata={"help": "Dotted path(s) of the layer stack(s) when discovery fails."}
@@ -202,6 +210,13 @@ class LadderSideConfig(PeftConfig):
         self.side_heads = checks.check_int("side_heads", self.side_heads, minimum=1, optional=True)
         checks.check_choice("output_mode", self.output_mode, OUTPUT_MODES, optional=True)
         checks.check_choice("ladder_norm", self.ladder_norm, LADDER_NORMS)
+        checks.check_choice("output_gate", self.output_gate, OUTPUT_GATES)
+        if self.output_gate != "vector" and self.resolved_output_mode() != "add_normed":
+            raise ValueError(
+                f"output_gate={self.output_gate!r} sets the gate of output_mode='add_normed', but the output mode is "
+                f"{self.resolved_output_mode()!r}, which has no output gate. Set output_mode='add_normed', or leave "
+                "output_gate at 'vector'."
+            )
         if self.side_attention_dropout is not None:
             self.side_attention_dropout = checks.check_real(
                 "side_attention_dropout", self.side_attention_dropout, 0, 1, exclude_maximum=True

@@ -145,6 +145,7 @@ def build_side_network(
             side_head_dim=shape.head_dim,
             uses_rotary=rotary_module is not None,
             normalise_taps=config.ladder_norm == "tap",
+            scalar_output_gate=config.output_gate == "scalar",
             backbone_dropout=config.backbone_dropout,
             generic_blocks=generic,
             feeds_head=not (info.is_encoder_decoder and not plan.is_decoder_stack),

@@ -78,6 +78,7 @@ class SideStack(nn.Module):
         uses_rotary: bool = False,
         normalise_taps: bool = False,
         backbone_dropout: bool = False,
+        scalar_output_gate: bool = False,
     ):
         super().__init__()
         if len(blocks) != len(tapped_layers):
@@ -100,11 +101,11 @@ class SideStack(nn.Module):
         if output_mode in ("add", "add_normed") and feeds_head:
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
-        # "add_normed": a per-dimension gate on the up-projected side output, added after the frozen final norm. It
-        # starts at one while `up` starts at zero, so step 0 is the base model and `up` gets gradients at once.
-        self.output_gate = (
-            nn.Parameter(torch.ones(backbone_width)) if output_mode == "add_normed" and feeds_head else None
-        )
+        # "add_normed": a gate (per dimension, or one scalar) on the up-projected side output, added after the frozen
+        # final norm. It starts at one while `up` starts at zero, so step 0 is the base model and `up` gets
+        # gradients at once.
+        gate_size = 1 if scalar_output_gate else backbone_width
+        self.output_gate = nn.Parameter(torch.ones(gate_size)) if output_mode == "add_normed" and feeds_head else None
         # ladder_norm "tap": each detached tap is RMS-normalised (no parameters) before its ladder, so a few outlier
         # dimensions of the backbone's residual stream cannot dominate what the side network reads.
         self.normalise_taps = normalise_taps

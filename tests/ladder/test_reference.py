@@ -31,6 +31,7 @@ MODES = {
     "add": {"output_mode": "add"},
     "replace": {"output_mode": "replace"},
     "add_normed": {"output_mode": "add_normed"},
+    "add_normed-scalar-gate": {"output_mode": "add_normed", "output_gate": "scalar"},
     "add-tap-norm": {"output_mode": "add", "ladder_norm": "tap"},
 }
 TOLERANCE = 1e-5  # fp32, same operations in the same order: the two agree to rounding

@@ -17,10 +17,10 @@ from peft_ladder import LadderSideConfig
 from peft_ladder.ladder.model import LadderSideModel
 
 
-def trained_bert_adapter():
+def trained_bert_adapter(**settings):
     """A SEQ_CLS adapter whose side network and head differ from their init (so loading is really checked)."""
     model = tiny_model("bert", transformers.AutoModelForSequenceClassification)
-    peft_model = get_peft_model(model, LadderSideConfig(task_type="SEQ_CLS", reduction_factor=4))
+    peft_model = get_peft_model(model, LadderSideConfig(task_type="SEQ_CLS", reduction_factor=4, **settings))
     with torch.no_grad():
         for param in peft_model.parameters():
             if param.requires_grad:
@@ -61,9 +61,13 @@ def test_saved_file_holds_only_the_side_network_and_head(tmp_path):
     assert "ladder-side-tuning" in card and "- peft" in card and "import peft_ladder" in card
 
 
-@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
-def test_from_pretrained_reproduces_outputs_bit_for_bit(tmp_path, low_cpu_mem_usage):
-    peft_model = trained_bert_adapter()
+@pytest.mark.parametrize(
+    "low_cpu_mem_usage, settings",
+    [(False, {}), (True, {}), (False, {"output_mode": "add_normed", "output_gate": "scalar"})],
+    ids=["defaults", "low_cpu_mem_usage", "add_normed-scalar-gate"],
+)
+def test_from_pretrained_reproduces_outputs_bit_for_bit(tmp_path, low_cpu_mem_usage, settings):
+    peft_model = trained_bert_adapter(**settings)
     expected = peft_model(**INPUTS).logits
     peft_model.save_pretrained(tmp_path)
     base = fresh_base()

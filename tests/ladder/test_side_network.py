@@ -211,7 +211,10 @@ def test_generic_side_blocks_refuse_a_static_cache_of_window_layers_only():
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
-@pytest.mark.parametrize("settings", [{"output_mode": "add_normed"}, {"ladder_norm": "tap"}])
+@pytest.mark.parametrize(
+    "settings",
+    [{"output_mode": "add_normed"}, {"output_mode": "add_normed", "output_gate": "scalar"}, {"ladder_norm": "tap"}],
+)
 def test_mixing_after_the_final_norm_and_normalised_taps_start_at_the_base_model_and_train(family, settings):
     auto, task = {
         "llama": (transformers.AutoModelForCausalLM, "CAUSAL_LM"),
@@ -233,6 +236,8 @@ def test_mixing_after_the_final_norm_and_normalised_taps_start_at_the_base_model
         # the gate multiplies a zero up-projection: no gradient yet, and it starts at one
         assert torch.equal(stack.output_gate.grad, torch.zeros_like(stack.output_gate))
         assert torch.equal(stack.output_gate.detach(), torch.ones_like(stack.output_gate))
+        scalar = settings.get("output_gate") == "scalar"
+        assert stack.output_gate.numel() == (1 if scalar else model.config.hidden_size)
 
 
 def test_a_rotary_of_complex_frequencies_reaches_the_side_blocks_as_the_family_makes_it():
